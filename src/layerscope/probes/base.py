@@ -1,0 +1,119 @@
+"""The one small interface every probe implements.
+
+A probe declares its shard axes and the tables and figures it produces (so Snakemake can plan
+without importing torch), and provides three steps:
+
+* ``run_shard(spec, writer)`` - the GPU work for one shard; writes partial statistics.
+* ``merge(shards)`` - combine validated shards of one (probe, model) into tidy tables.
+* ``plot(tables, fig_dir)`` - seaborn figures from the tables of every model.
+
+Probe modules import torch, diffusers and friends *inside* these methods only: the planner and
+the Snakefile import the module to read its declarations, and every SLURM job re-reads the
+Snakefile.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from layerscope.h5io import Shard, ShardWriter
+
+LABEL_RE = re.compile(r"^[A-Za-z0-9.+=-]+(_[A-Za-z0-9.+=-]+)*$")  # filename-safe, no '__', no '/'
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Everything one shard job needs; built by :mod:`layerscope.plan`, passed as JSON."""
+
+    probe: str
+    model: str
+    axes: dict[str, str]  # axis -> label, in the probe's axis order (the model axis excluded)
+    probe_cfg: dict[str, Any]
+    model_cfg: dict[str, Any]  # resolved: family, source kind, 'path' or 'hub_id', lora, dtype, ...
+    datasets: dict[str, dict[str, Any]] = field(default_factory=dict)  # referenced datasets, with 'index'
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)  # other resolved models a probe may use
+    config_hash: str = ""
+    threads: int = 1
+    device: str = "auto"
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "probe": self.probe,
+            "model": self.model,
+            "axes": self.axes,
+            "probe_cfg": self.probe_cfg,
+            "model_cfg": self.model_cfg,
+            "datasets": self.datasets,
+            "models": self.models,
+            "config_hash": self.config_hash,
+            "threads": self.threads,
+            "device": self.device,
+        }
+
+    @classmethod
+    def from_json_dict(cls, d: Mapping[str, Any]) -> "ShardSpec":
+        return cls(**{k: d[k] for k in ("probe", "model", "axes", "probe_cfg", "model_cfg")},
+                   datasets=d.get("datasets", {}), models=d.get("models", {}), config_hash=d.get("config_hash", ""),
+                   threads=int(d.get("threads", 1)), device=d.get("device", "auto"))
+
+    def slice_bounds(self, n_items: int) -> tuple[int, int]:
+        """[start, stop) of this shard's contiguous share of ``n_items`` (axis label 'IofN')."""
+        i, n = parse_slice(self.axes.get("slice", "0of1"))
+        return (i * n_items) // n, ((i + 1) * n_items) // n
+
+
+def parse_slice(label: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)of(\d+)", label)
+    if not m or int(m.group(1)) >= int(m.group(2)):
+        raise ValueError(f"bad slice label {label!r}: expected IofN with 0 <= I < N")
+    return int(m.group(1)), int(m.group(2))
+
+
+class Probe:
+    """Base class: override the declarations and the three steps."""
+
+    name: ClassVar[str]
+    axes: ClassVar[tuple[str, ...]] = ("slice",)  # shard axes after 'model', in path order
+    families: ClassVar[tuple[str, ...]] = ()  # model families this probe accepts
+    datasets_key: ClassVar[str | None] = "dataset"  # probe config key naming a dataset, if any
+    tables: ClassVar[tuple[str, ...]] = ()  # merge outputs: results/<probe>/tables/<model>/<table>.csv
+    figures: ClassVar[tuple[str, ...]] = ()  # plot outputs: results/<probe>/figures/<figure>.png
+    gpu: ClassVar[bool] = True
+    # config keys that list axis values: excluded from the config hash, because adding a seed or a
+    # model must not invalidate shards that already exist
+    axis_keys: ClassVar[dict[str, str]] = {"slice": "slices", "seed": "seeds", "timestep": "timesteps", "layers": "layer_groups"}
+
+    # ---- planning (pure Python: no torch) ----
+    def axis_values(self, probe_cfg: Mapping[str, Any], model: str, model_cfg: Mapping[str, Any]) -> dict[str, list[str]]:
+        """Labels of every shard axis for one model. Default: read the generic config keys."""
+        out: dict[str, list[str]] = {}
+        for axis in self.axes:
+            key = self.axis_keys.get(axis, axis + "s")
+            if axis == "slice":
+                n = int(probe_cfg.get(key, 1))
+                out[axis] = [f"{i}of{n}" for i in range(n)]
+            elif axis == "layers":
+                groups = probe_cfg.get(key, ["all"])
+                out[axis] = [g if isinstance(g, str) else "-".join(str(int(x)) for x in g) for g in groups]
+            else:
+                out[axis] = [str(v) for v in probe_cfg.get(key, [])]
+        return out
+
+    def check_config(self, probe_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+        """Semantic checks beyond the JSON schema; raise ConfigError naming the field."""
+
+    # ---- the three steps ----
+    def run_shard(self, spec: ShardSpec, writer: "ShardWriter") -> None:
+        raise NotImplementedError
+
+    def merge(self, shards: list["Shard"]) -> dict[str, "pd.DataFrame"]:
+        raise NotImplementedError
+
+    def plot(self, tables: dict[str, "pd.DataFrame"], fig_dir: Path, caption: str = "") -> None:
+        raise NotImplementedError
