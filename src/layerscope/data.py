@@ -30,7 +30,7 @@ SKIMAGE_PHOTOS: dict[str, str] = {
     "coffee": "a cup of coffee on a saucer, seen from above",
     "chelsea": "a ginger tabby cat looking to the side",
     "rocket": "a rocket on a launch pad under a blue sky",
-    "motorcycle_left": "a red motorcycle parked indoors",
+    "moon": "a grey close-up photograph of the surface of the moon",
     "hubble_deep_field": "a deep field telescope image of many distant galaxies",
     "immunohistochemistry": "a microscope image of stained tissue",
     "retina": "a photograph of the retina of a human eye",
@@ -66,6 +66,8 @@ def build_index(name: str, ds: Mapping[str, Any], out: str | Path) -> Path:
         img_dir.mkdir(exist_ok=True)
         for stem, caption in SKIMAGE_PHOTOS.items():
             arr = getattr(skimage.data, stem)()
+            if arr.dtype == bool:
+                arr = arr.astype("uint8") * 255
             if arr.ndim == 2:
                 arr = np.stack([arr] * 3, axis=-1)
             p = img_dir / f"{stem}.png"
