@@ -53,9 +53,9 @@ def snakemake_cmd() -> list[str]:
 
 def run_snakemake(workdir: Path, *args: str, config: Path | None = None, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = snakemake_cmd() + ["-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2"]
-    if config is not None:
-        cmd += ["--configfile", str(config)]
     cmd += list(args)
+    if config is not None:  # last: --configfile takes several values
+        cmd += ["--configfile", str(config)]
     e = {**os.environ, **(env or {})}
     e["PATH"] = f"{Path(sys.executable).parent}:{e.get('PATH', '')}"
     r = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=600)

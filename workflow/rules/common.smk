@@ -15,8 +15,8 @@ from layerscope.plan import ConfigError, Plan, format_validation_error
 try:
     validate(config, "../schemas/config.schema.yaml")
 except WorkflowError as e:
-    _ve = next((a for a in e.args if hasattr(a, "absolute_path")), None)
-    raise WorkflowError(format_validation_error(_ve) if _ve is not None else str(e)) from None
+    _ve = e.__context__  # the jsonschema ValidationError Snakemake wrapped
+    raise WorkflowError(format_validation_error(_ve) if hasattr(_ve, "absolute_path") else str(e)) from None
 
 try:
     PLAN = Plan(config, workdir=os.getcwd())
@@ -57,3 +57,10 @@ def caption(probe, figure):
         if f.is_file():
             return str(f)
     return str(base / "default.rst")
+
+
+def shard_dir(probe, model):
+    """The folder of one (probe, model)'s shards, created if absent so it can be an input."""
+    d = f"results/{probe}/shards/{model}"
+    os.makedirs(d, exist_ok=True)
+    return d

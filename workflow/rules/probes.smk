@@ -28,7 +28,10 @@ for _probe, _impl in PLAN.probes.items():
         name:
             f"{_probe}_merge"
         input:
-            lambda w, p=_probe: PLAN.shard_paths(p, w.model),
+            # the shard folder is an input too: deleting a shard changes its mtime, so the merge (and
+            # with it the missing shard) runs again; Snakemake alone skips missing intermediates
+            shard_dir=lambda w, p=_probe: shard_dir(p, w.model),
+            shards=lambda w, p=_probe: PLAN.shard_paths(p, w.model),
         output:
             [f"results/{_probe}/tables/{{model}}/{t}.csv" for t in _impl.tables],
         params:
@@ -44,7 +47,7 @@ for _probe, _impl in PLAN.probes.items():
             ENV
         shell:
             LAYERSCOPE + " merge --probe {params.probe} --model {wildcards.model} --expect-hash {params.expect}"
-            " --out-dir results/{params.probe}/tables/{wildcards.model} {input} > {log} 2>&1"
+            " --out-dir results/{params.probe}/tables/{wildcards.model} {input.shards} > {log} 2>&1"
 
     rule:
         name:
@@ -63,7 +66,7 @@ for _probe, _impl in PLAN.probes.items():
         params:
             probe=_probe,
             tables=lambda w, p=_probe: [f"results/{p}/tables/{m}" for m in PLAN.models_of(p)],
-            caption=lambda w: f"(config {', '.join(workflow.configfiles) or 'config.yaml'})",
+            caption=lambda w: f"(config {', '.join(map(str, workflow.configfiles)) or 'config.yaml'})",
         log:
             f"results/logs/{_probe}/figures.log",
         threads: 1

@@ -1,0 +1,36 @@
+# The two set-up commands (README quick start):
+#   make study   install, then run the default study end to end (tables and figures in results/)
+#   make test    install, then run the tests (what CI runs)
+# Installation is a local virtualenv; torch is pinned first so pip takes the local CPU wheel
+# instead of pulling a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CORES ?= 2
+
+.PHONY: study test install bench dry-run clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	bash workflow/scripts/install_profiles.sh
+	touch $@
+
+study: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --profile profiles/local --cores $(CORES)
+
+test: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -ra
+
+dry-run: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake -n
+
+bench: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python benchmarks/bench_foundation.py
+
+clean:
+	rm -rf results .snakemake
