@@ -303,7 +303,7 @@ class SdxlAblation(Probe):
                    "n_groups": len(abl["model_groups"]), "n_zeroed": len(abl["zeroed_groups"]),
                    "max_abs_zeroed_out": max(zeroed_max) if zeroed_max else 0.0,
                    "max_abs_kept_out": max(kept_max) if kept_max else 0.0,
-                   "_order": (abl["model_groups"] + list(CONTROLS)).index(ax["group"]), "_path": sh.path}
+                   "order": (abl["model_groups"] + list(CONTROLS)).index(ax["group"]), "shard": str(sh.path)}
             if CLIP_GROUP in sh.groups:
                 row["clip_cosine"] = float(sh.groups[CLIP_GROUP]["cosine"])
             rows.append(row)
@@ -318,17 +318,17 @@ class SdxlAblation(Probe):
             win = min(7, min(img.shape[:2]) - (1 - min(img.shape[:2]) % 2))
             r["ssim_to_all"] = float(structural_similarity(ref, img, channel_axis=-1, data_range=255, win_size=win))
             r["mean_abs_diff_to_all"] = float(np.abs(ref.astype(np.float64) - img).mean() / 255.0)
-        scores = pd.DataFrame(rows).sort_values(["model", "prompt", "seed", "_order"]).reset_index(drop=True)
+        scores = pd.DataFrame(rows).sort_values(["model", "prompt", "seed", "order"]).reset_index(drop=True)
 
         img_rows = []
         for r in scores.itertuples():
-            path = Path(r._path)
+            path = Path(r.shard)
             png = path.parent.parent.parent / "images" / path.parent.name / (path.stem + ".png")
             png.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(images[(r.model, r.prompt, r.group, r.seed)]).save(png)
             img_rows.append({"model": r.model, "group": r.group, "prompt": r.prompt, "prompt_text": r.prompt_text,
-                             "seed": r.seed, "order": r._order, "shard": str(path), "png": str(png)})
-        scores = scores.rename(columns={"_order": "order"}).drop(columns=["_path"])
+                             "seed": r.seed, "order": r.order, "shard": str(path), "png": str(png)})
+        scores = scores.drop(columns=["shard"])
         return {"scores": scores, "images": pd.DataFrame(img_rows)}
 
     # ---------------------------------------------------------------- plot
