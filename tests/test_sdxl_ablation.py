@@ -290,3 +290,11 @@ def test_merge_rejects_stale_prompt_text(workdir, monkeypatch, tmp_path):
 
     with pytest.raises(ShardError, match="stale"):
         get_probe("sdxl_ablation").merge([Shard(a), Shard(b)])
+
+
+def test_explicit_group_missing_from_model_fails_the_shard(workdir, monkeypatch, tmp_path):
+    monkeypatch.chdir(workdir)
+    plan = Plan(config(groups=["down_blocks.0.attentions.0"]), workdir)  # plans: names are checked, not the model
+    with pytest.raises(ValueError, match=r"probes.sdxl_ablation.groups: down_blocks.0.attentions.0 is not"):
+        run_shard(plan, "group-all__prompt-p0__seed-0", tmp_path)
+    assert not list(tmp_path.rglob("*.h5"))
