@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 FAMILIES: dict[str, str] = {
     "dinov3": "layerscope.models.dinov3",
+    "sdxl": "layerscope.models.sdxl",
+    "clip": "layerscope.models.clip",
 }
 
 

@@ -1,0 +1,400 @@
+"""sdxl_ablation: what one cross-attention group alone does to a Stable Diffusion image (design note 002).
+
+For a target group (``down_blocks.N.attentions.M`` / ``mid_block.attentions.M`` /
+``up_blocks.N.attentions.M``, each holding one or more ``attn2`` modules), forward hooks replace
+the ``attn2`` output of *every other* group with zeros for the whole generation (every step, both
+classifier-free-guidance branches), so the text reaches the image through that group only (plus
+SDXL's pooled text embedding, see ``pooled_text``).  Two controls per (prompt, seed): ``all``
+(no hooks: the normal image) and ``none`` (every group zeroed; the note lacks it).
+
+One shard per (model, group, prompt, seed) holds the generated image (uint8 in the HDF5 file),
+per-``attn2`` moments of the output the hooks passed on (so a shard proves which groups were
+silent), and, when a CLIP scorer is configured, the image-prompt cosine.  The merge computes the
+SSIM of every image to the same (prompt, seed)'s ``all`` image (a distance needs both images, so it
+is a merge-time quantity), exports PNGs, and the plot draws comparison grids and score curves.
+
+Heavy imports (torch, diffusers, transformers, pandas, skimage, matplotlib) stay inside methods.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Sequence
+
+from layerscope.probes.base import Probe, ShardSpec
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from layerscope.h5io import Shard, ShardWriter
+
+__all__ = ["SdxlAblation", "ablate_cross_attention", "CONTROLS", "GROUP_RE", "prompt_labels"]
+
+CONTROLS = ("all", "none")  # all: no hooks; none: every group zeroed
+GROUP_RE = re.compile(r"^(?:(?:down|up)_blocks\.\d+|mid_block)\.attentions\.\d+$")
+IMAGE_GROUP = "image"
+CLIP_GROUP = "scores/clip"
+
+
+def prompt_labels(prompts: Sequence[str]) -> list[str]:
+    """Shard-axis labels of the prompt list: p0, p1, ... (the text itself travels in the spec)."""
+    return [f"p{i}" for i in range(len(prompts))]
+
+
+def _config_error(msg: str) -> Exception:
+    from layerscope.plan import ConfigError
+
+    return ConfigError(msg)
+
+
+@contextmanager
+def ablate_cross_attention(
+    unet: "torch.nn.Module",
+    zero_modules: Sequence[str],
+    *,
+    zero_pooled_text: bool = False,
+    record: dict[str, Any] | None = None,
+) -> Iterator[None]:
+    """Zero the output of the named ``attn2`` modules for the duration of the block.
+
+    Forward hooks (as in the note) return ``zeros_like(output)``: the residual stream then
+    receives nothing from that cross-attention, bias of ``to_out`` included.  With
+    ``zero_pooled_text`` a UNet pre-hook also replaces SDXL's pooled text embedding
+    (``added_cond_kwargs['text_embeds']``) by zeros, which is SDXL's own null condition
+    (``force_zeros_for_empty_prompt``).  With ``record`` (a dict), every ``attn2`` module's
+    output *as passed on* is reduced into ``record[name]`` (a :class:`~layerscope.stats.Moments`
+    over [tokens, channels]).  All hooks are removed on exit, also on error.
+    """
+    from diffusers.models.attention_processor import Attention
+
+    from layerscope.stats import Moments
+
+    modules = dict(unet.named_modules())
+    missing = [n for n in zero_modules if n not in modules]
+    if missing:
+        raise KeyError(f"UNet has no module {missing[0]}")
+    handles = []
+
+    def zero_hook(module, args, output):  # noqa: ARG001
+        if isinstance(output, tuple):
+            return tuple(o.new_zeros(o.shape) if hasattr(o, "new_zeros") else o for o in output)
+        return output.new_zeros(output.shape)
+
+    def make_recorder(name: str):
+        def rec(module, args, output):  # noqa: ARG001
+            out = output[0] if isinstance(output, tuple) else output
+            flat = out.detach().reshape(-1, out.shape[-1])
+            m = Moments.from_tensor(flat)
+            record[name] = record[name].merge(m) if name in record else m
+
+        return rec
+
+    def pooled_pre_hook(module, args, kwargs):  # noqa: ARG001
+        acd = kwargs.get("added_cond_kwargs")
+        if acd and acd.get("text_embeds") is not None:
+            kwargs = dict(kwargs)
+            kwargs["added_cond_kwargs"] = {**acd, "text_embeds": acd["text_embeds"].new_zeros(acd["text_embeds"].shape)}
+            return args, kwargs
+        return None
+
+    try:
+        for n in zero_modules:
+            handles.append(modules[n].register_forward_hook(zero_hook))
+        if zero_pooled_text:
+            handles.append(unet.register_forward_pre_hook(pooled_pre_hook, with_kwargs=True))
+        if record is not None:  # registered after the zeroing hooks: sees what is passed on
+            for n, m in modules.items():
+                if n.split(".")[-1] == "attn2" and isinstance(m, Attention):
+                    handles.append(m.register_forward_hook(make_recorder(n)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class SdxlAblation(Probe):
+    """Cross-attention group ablation for Stable Diffusion UNets (SDXL, SD 1.x/2.x)."""
+
+    name: ClassVar[str] = "sdxl_ablation"
+    axes: ClassVar[tuple[str, ...]] = ("group", "prompt", "seed")
+    families: ClassVar[tuple[str, ...]] = ("sdxl",)
+    datasets_key: ClassVar[str | None] = None
+    tables: ClassVar[tuple[str, ...]] = ("scores", "images")
+    figures: ClassVar[tuple[str, ...]] = ("comparison_grid", "scores")
+    # 'prompts' is deliberately NOT an axis key: the prompt text stays in the config hash, so
+    # editing or reordering prompts (labels p0, p1, ... are positions) invalidates old shards.
+    axis_keys: ClassVar[dict[str, str]] = {"group": "groups", "seed": "seeds"}
+
+    # ---------------------------------------------------------------- planning
+    def target_groups(self, probe_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> list[str]:
+        """The model's ablation targets, known without torch: explicit list or derived from the UNet config."""
+        from layerscope.models.sdxl import GroupConfigError, cross_attention_groups_from_config, unet_config_for
+
+        field = "probes.sdxl_ablation.groups"
+        spec = probe_cfg.get("groups", "auto")
+        if spec == "auto":
+            try:
+                groups = cross_attention_groups_from_config(unet_config_for(model_cfg))
+            except (GroupConfigError, OSError, json.JSONDecodeError) as e:
+                raise _config_error(f"config field {field}: 'auto' failed for model {model_cfg.get('name', '?')}: {e}") from None
+            if not groups:
+                raise _config_error(f"config field {field}: the UNet of model {model_cfg.get('name', '?')} has no cross-attention groups")
+            return groups
+        if not isinstance(spec, list) or not spec:
+            raise _config_error(f"config field {field}: expected 'auto' or a non-empty list of group names")
+        for g in spec:
+            if not isinstance(g, str) or not GROUP_RE.match(g):
+                raise _config_error(f"config field {field}: {g!r} is not a group name like 'down_blocks.1.attentions.0' or 'mid_block.attentions.0'")
+        if len(set(spec)) != len(spec):
+            raise _config_error(f"config field {field}: duplicate group names")
+        return list(spec)
+
+    def axis_values(self, probe_cfg: Mapping[str, Any], model: str, model_cfg: Mapping[str, Any]) -> dict[str, list[str]]:
+        prompts = probe_cfg.get("prompts") or []
+        return {
+            "group": self.target_groups(probe_cfg, {"name": model, **model_cfg}) + list(CONTROLS),
+            "prompt": prompt_labels(prompts),
+            "seed": [str(int(s)) for s in probe_cfg.get("seeds", [])],
+        }
+
+    def check_config(self, probe_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+        prompts = probe_cfg.get("prompts")
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise _config_error("config field probes.sdxl_ablation.prompts: list at least one non-empty prompt")
+        seeds = probe_cfg.get("seeds")
+        if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds):
+            raise _config_error("config field probes.sdxl_ablation.seeds: list at least one seed, without repeats")
+        clip = probe_cfg.get("clip_model")
+        if clip:
+            models = config.get("models", {})
+            if clip not in models:
+                raise _config_error(f"config field probes.sdxl_ablation.clip_model: unknown model '{clip}'")
+            if models[clip].get("family") != "clip":
+                raise _config_error(f"config field probes.sdxl_ablation.clip_model: model '{clip}' is family '{models[clip].get('family')}', expected 'clip'")
+            if clip not in (probe_cfg.get("aux_models") or []):
+                raise _config_error(f"config field probes.sdxl_ablation.aux_models: must list the clip_model '{clip}' (aux models travel with each shard's spec)")
+
+    # ---------------------------------------------------------------- shard
+    def run_shard(self, spec: ShardSpec, writer: "ShardWriter") -> None:
+        import numpy as np
+        import torch
+
+        from layerscope.models import resolve_device, resolve_dtype, set_threads
+        from layerscope.models import sdxl as fam
+
+        cfg = spec.probe_cfg
+        set_threads(spec.threads)
+        device = resolve_device(spec.device)
+        dtype = resolve_dtype(str(spec.model_cfg.get("dtype", "fp32")), device)
+        target = spec.axes["group"]
+        label = spec.axes["prompt"]
+        prompts = list(cfg["prompts"])
+        labels = prompt_labels(prompts)
+        if label not in labels:
+            raise ValueError(f"prompt label {label!r} not in probes.sdxl_ablation.prompts ({len(prompts)} prompts)")
+        prompt = prompts[labels.index(label)]
+        seed = int(spec.axes["seed"])
+
+        pipe = fam.load({"name": spec.model, **spec.model_cfg}, device, dtype)
+        model_groups = fam.cross_attention_groups(pipe.unet)
+        planned = self.target_groups(cfg, {"name": spec.model, **spec.model_cfg})
+        if cfg.get("groups", "auto") == "auto" and planned != list(model_groups):
+            raise ValueError(f"probes.sdxl_ablation.groups 'auto' derived {planned} from the UNet config, "
+                             f"but the loaded UNet of {spec.model} has {list(model_groups)}")
+        unknown = [g for g in planned if g not in model_groups]
+        if unknown:
+            raise ValueError(f"probes.sdxl_ablation.groups: {unknown[0]} is not a cross-attention group of {spec.model}; "
+                             f"it has {', '.join(model_groups)}")
+        if target not in model_groups and target not in CONTROLS:
+            raise ValueError(f"shard group {target!r} is not a cross-attention group of {spec.model}")
+        zeroed = [] if target == "all" else [g for g in model_groups if g != target]
+        zero_modules = [n for g in zeroed for n in model_groups[g]]
+        has_pooled = getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+        pooled_mode = str(cfg.get("pooled_text", "keep"))
+        zero_pooled = has_pooled and pooled_mode == "zero" and target != "all"
+        height = int(cfg.get("height") or 0) or None
+        width = int(cfg.get("width") or 0) or None
+
+        record: dict[str, Any] = {}
+        gen = torch.Generator("cpu").manual_seed(seed)  # CPU noise: identical latents on any device
+        with torch.no_grad(), ablate_cross_attention(pipe.unet, zero_modules, zero_pooled_text=zero_pooled, record=record):
+            out = pipe(prompt=prompt, negative_prompt=cfg.get("negative_prompt") or None,
+                       num_inference_steps=int(cfg.get("steps", 2)), guidance_scale=float(cfg.get("guidance_scale", 5.0)),
+                       height=height, width=width, generator=gen, output_type="np")
+        img = np.asarray(out.images[0], dtype=np.float64)
+        bad = int((~np.isfinite(img)).sum())
+        if bad:
+            raise RuntimeError(f"{spec.model} group {target} prompt {label} seed {seed}: the pipeline produced {bad} "
+                               f"non-finite pixel values (the SDXL VAE overflows in fp16: use dtype fp32/bf16)")
+        rgb = (img * 255).round().clip(0, 255).astype(np.uint8)  # diffusers' numpy_to_pil rounding
+
+        writer.write(IMAGE_GROUP, {"rgb": rgb}, attrs={
+            "prompt": prompt, "prompt_label": label, "seed": seed, "group": target,
+            "height": int(rgb.shape[0]), "width": int(rgb.shape[1])}, compress=True)
+        for g, names in model_groups.items():
+            for n in names:
+                if n in record:
+                    writer.write(f"stats/{n}.hook_out", record[n].to_dict(), attrs={"group": g, "zeroed": g in zeroed})
+        missing = [n for names in model_groups.values() for n in names if n not in record]
+        if missing:
+            raise RuntimeError(f"attn2 module {missing[0]} never ran during generation")
+        writer.set_attr("ablation", {
+            "target": target, "model_groups": list(model_groups), "zeroed_groups": zeroed,
+            "pooled_text": ("zero" if zero_pooled else "keep") if has_pooled else "absent",
+            "prompt": prompt, "seed": seed,
+        })
+
+        clip_name = cfg.get("clip_model")
+        if clip_name:
+            from layerscope.models import clip as clipfam
+
+            if clip_name not in spec.models:
+                raise ValueError(f"probes.sdxl_ablation.clip_model '{clip_name}' is not in the shard's models (list it in aux_models)")
+            del pipe
+            model, proc = clipfam.load({"name": clip_name, **spec.models[clip_name]}, device, torch.float32)
+            cos = clipfam.image_text_cosine(model, proc, [rgb], [prompt])
+            writer.write(CLIP_GROUP, {"cosine": np.asarray(cos[0], dtype=np.float64)}, attrs={"clip_model": clip_name})
+
+    # ---------------------------------------------------------------- merge
+    def merge(self, shards: list["Shard"]) -> dict[str, "pd.DataFrame"]:
+        """Tables ``scores`` (one row per image) and ``images`` (exported PNG per shard).
+
+        SSIM (skimage, RGB, data_range 255) to the same (prompt, seed)'s ``all`` image; the CLIP
+        cosine when every shard has one.  PNGs go to ``results/<probe>/images/<model>/<shard>.png``
+        beside the ``shards`` folder."""
+        import numpy as np
+        import pandas as pd
+        from PIL import Image
+        from skimage.metrics import structural_similarity
+
+        from layerscope.h5io import ShardError
+
+        if not shards:
+            raise ShardError("sdxl_ablation merge: no shards")
+        rows: list[dict[str, Any]] = []
+        images: dict[tuple[str, str, str, int], np.ndarray] = {}
+        texts: dict[tuple[str, str], str] = {}
+        for sh in shards:
+            if sh.probe != self.name:
+                raise ShardError(f"{sh.path}: shard of probe {sh.probe!r}, expected {self.name!r}")
+            ax = sh.axes
+            abl = sh.json_attr("ablation")
+            if IMAGE_GROUP not in sh.groups:
+                raise ShardError(f"{sh.path}: no image")
+            rgb = sh.groups[IMAGE_GROUP]["rgb"]
+            key = (sh.model, ax["prompt"], ax["group"], int(ax["seed"]))
+            if key in images:
+                raise ShardError(f"{sh.path}: duplicate shard for {key}")
+            prev = texts.setdefault((sh.model, ax["prompt"]), abl["prompt"])
+            if prev != abl["prompt"]:
+                raise ShardError(f"{sh.path}: prompt {ax['prompt']} is {abl['prompt']!r} here but {prev!r} in another shard (stale shards: rerun)")
+            images[key] = rgb
+            zeroed_max = [float(sh.groups[g]["max_abs"].max()) for g in sh.subgroups("stats")
+                          if sh.group_attrs.get(g, {}).get("zeroed")]
+            kept_max = [float(sh.groups[g]["max_abs"].max()) for g in sh.subgroups("stats")
+                        if not sh.group_attrs.get(g, {}).get("zeroed")]
+            row = {"model": sh.model, "group": ax["group"], "prompt": ax["prompt"], "prompt_text": abl["prompt"],
+                   "seed": int(ax["seed"]), "pooled_text": abl["pooled_text"],
+                   "n_groups": len(abl["model_groups"]), "n_zeroed": len(abl["zeroed_groups"]),
+                   "max_abs_zeroed_out": max(zeroed_max) if zeroed_max else 0.0,
+                   "max_abs_kept_out": max(kept_max) if kept_max else 0.0,
+                   "order": (abl["model_groups"] + list(CONTROLS)).index(ax["group"]), "shard": str(sh.path)}
+            if CLIP_GROUP in sh.groups:
+                row["clip_cosine"] = float(sh.groups[CLIP_GROUP]["cosine"])
+            rows.append(row)
+        n_clip = sum("clip_cosine" in r for r in rows)
+        if 0 < n_clip < len(rows):
+            raise ShardError("sdxl_ablation merge: some shards have a CLIP score and some do not (clip_model changed? rerun)")
+        for r in rows:
+            ref = images.get((r["model"], r["prompt"], "all", r["seed"]))
+            if ref is None:
+                raise ShardError(f"sdxl_ablation merge: no 'all' shard for model {r['model']} prompt {r['prompt']} seed {r['seed']}")
+            img = images[(r["model"], r["prompt"], r["group"], r["seed"])]
+            win = min(7, min(img.shape[:2]) - (1 - min(img.shape[:2]) % 2))
+            r["ssim_to_all"] = float(structural_similarity(ref, img, channel_axis=-1, data_range=255, win_size=win))
+            r["mean_abs_diff_to_all"] = float(np.abs(ref.astype(np.float64) - img).mean() / 255.0)
+        scores = pd.DataFrame(rows).sort_values(["model", "prompt", "seed", "order"]).reset_index(drop=True)
+
+        img_rows = []
+        for r in scores.itertuples():
+            path = Path(r.shard)
+            png = path.parent.parent.parent / "images" / path.parent.name / (path.stem + ".png")
+            png.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[(r.model, r.prompt, r.group, r.seed)]).save(png)
+            img_rows.append({"model": r.model, "group": r.group, "prompt": r.prompt, "prompt_text": r.prompt_text,
+                             "seed": r.seed, "order": r.order, "shard": str(path), "png": str(png)})
+        scores = scores.drop(columns=["shard"])
+        return {"scores": scores, "images": pd.DataFrame(img_rows)}
+
+    # ---------------------------------------------------------------- plot
+    def plot(self, tables: dict[str, "pd.DataFrame"], fig_dir: Path, caption: str = "") -> None:
+        """``comparison_grid.png``: per (model, prompt) a panel, rows seeds, columns groups in
+        forward order then ``all`` and ``none``; also one ``comparison_grid-<model>-<prompt>.png``
+        per panel.  ``scores.png``: each score per group, mean with 95% bootstrap CI over seeds."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+        import seaborn as sns
+        from PIL import Image
+
+        fig_dir = Path(fig_dir)
+        fig_dir.mkdir(parents=True, exist_ok=True)
+        imgs = tables["images"]
+        panels = list(imgs.groupby(["model", "prompt"], sort=True))
+
+        def draw(fig, sub, df):
+            cols = df.sort_values("order")["group"].drop_duplicates().tolist()
+            seeds = sorted(df["seed"].unique())
+            axs = sub.subplots(len(seeds), len(cols), squeeze=False)
+            for i, s in enumerate(seeds):
+                for j, g in enumerate(cols):
+                    ax = axs[i][j]
+                    hit = df[(df["seed"] == s) & (df["group"] == g)]
+                    if len(hit):
+                        ax.imshow(np.asarray(Image.open(hit["png"].iloc[0]).convert("RGB")))
+                    ax.set_xticks([]), ax.set_yticks([])
+                    if i == 0:
+                        ax.set_title(g.replace(".attentions.", "\n.attn."), fontsize=7)
+                    if j == 0:
+                        ax.set_ylabel(f"seed {s}", fontsize=7)
+            m, p = df["model"].iloc[0], df["prompt"].iloc[0]
+            sub.suptitle(f"{m} {p}: {df['prompt_text'].iloc[0][:80]!r}", fontsize=8)
+
+        cell = 1.3
+        max_cols = max(df["group"].nunique() for _, df in panels)
+        heights = [df["seed"].nunique() * cell + 0.6 for _, df in panels]
+        fig = plt.figure(figsize=(max_cols * cell, sum(heights)), layout="constrained")
+        subs = fig.subfigures(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
+        for sub, (_, df) in zip(subs, panels):
+            draw(fig, sub, df)
+        if caption:
+            fig.supxlabel(caption, fontsize=6)
+        fig.savefig(fig_dir / "comparison_grid.png", dpi=150)
+        plt.close(fig)
+        for (m, p), df in panels:
+            f = plt.figure(figsize=(df["group"].nunique() * cell, df["seed"].nunique() * cell + 0.6), layout="constrained")
+            draw(f, f, df)
+            f.savefig(fig_dir / f"comparison_grid-{m}-{p}.png", dpi=150)
+            plt.close(f)
+
+        sc = tables["scores"]
+        value_cols = [c for c in ("ssim_to_all", "clip_cosine") if c in sc.columns]
+        long = sc.melt(id_vars=["model", "group", "prompt", "seed", "order"], value_vars=value_cols,
+                       var_name="score", value_name="value")
+        order = sc.sort_values("order")["group"].drop_duplicates().tolist()
+        g = sns.catplot(data=long, x="group", y="value", hue="model", row="score", col="prompt", kind="point",
+                        order=order, errorbar=("ci", 95), seed=0, sharey="row", height=2.6, aspect=1.6,
+                        dodge=0.3 if sc["model"].nunique() > 1 else False)
+        for ax in g.axes.flat:
+            ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+        g.figure.suptitle("per-group scores, mean and 95% CI over seeds" + (f"\n{caption}" if caption else ""), fontsize=8)
+        g.figure.tight_layout()
+        g.savefig(fig_dir / "scores.png", dpi=150)
+        plt.close(g.figure)
