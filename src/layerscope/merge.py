@@ -107,7 +107,8 @@ def plot_from_tables(probe: str, table_dirs: Iterable[str | Path], fig_dir: str 
             if not f.is_file():
                 raise FileNotFoundError(f"missing table {f} (run the {probe}_merge rule)")
             df = pd.read_csv(f)
-            df.insert(0, "model", d.name)
+            if "model" not in df.columns:
+                df.insert(0, "model", d.name)
             tables[t].append(df)
     merged = {t: pd.concat(v, ignore_index=True) for t, v in tables.items()}
     fig_dir = Path(fig_dir)
