@@ -142,7 +142,7 @@ def load(model_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype)
         load_self_forcing_checkpoint(transformer, ckpt, use_ema=bool(model_cfg.get("use_ema", True)))
     if model_cfg.get("lora"):
         _apply_lora(transformer, str(model_cfg["lora"]))
-    transformer.to(device=device, dtype=dtype).eval()
+    transformer.to(device).eval()  # dtype came from from_pretrained (keeps its fp32 modules)
     text_encoder = tokenizer = None
     has_text = (Path(src) / "text_encoder").is_dir() if is_dir else True
     if has_text:
