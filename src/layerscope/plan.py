@@ -152,8 +152,9 @@ class Plan:
             out.update(kind="hub", hub_id=src[4:], path=None)
         else:
             out.update(kind="path", path=self._check_path(f"models.{name}.source", src))
-        if mcfg.get("lora"):
-            out["lora"] = self._check_path(f"models.{name}.lora", str(mcfg["lora"]))
+        for key in ("lora", "checkpoint"):  # extra weight files: checked now, shard inputs later
+            if mcfg.get(key):
+                out[key] = self._check_path(f"models.{name}.{key}", str(mcfg[key]))
         return out
 
     def model(self, name: str) -> dict[str, Any]:
@@ -261,8 +262,7 @@ class Plan:
     def model_inputs(self, name: str) -> list[str]:
         m = self._models[name]
         out = [m["path"]] if m["kind"] in ("tiny", "path") else []
-        if m.get("lora"):
-            out.append(m["lora"])
+        out += [m[k] for k in ("lora", "checkpoint") if m.get(k)]
         return out
 
     def shard_inputs(self, probe: str, model: str) -> list[str]:

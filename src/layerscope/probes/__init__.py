@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 PROBES: dict[str, str] = {
     "dinov3_channels": "layerscope.probes.dinov3_channels:DinoV3Channels",
     "sdxl_ablation": "layerscope.probes.sdxl_ablation:SdxlAblation",
+    "wan_logits": "layerscope.probes.wan_logits:WanLogits",
 }
 
 
