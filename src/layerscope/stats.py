@@ -309,3 +309,54 @@ class TopK:
     @classmethod
     def from_dict(cls, d: Mapping[str, np.ndarray], k: int) -> "TopK":
         return cls(k, *(np.asarray(d[n]) for n in ("topk_value", "topk_channel", "topk_sample", "topk_token")))
+
+
+def _hist_from_bits(x: "torch.Tensor") -> np.ndarray:
+    """Histogram of |x| read off the float's bits: exponent + top 3 mantissa bits is exactly
+    'octave, then one of 8 linear sub-bins' - the bins of :class:`MagnitudeHistogram` - so no
+    transcendental is needed. Finite inputs only (Inf/NaN would land in the overflow bin)."""
+    import torch
+
+    if x.dtype == torch.float64:
+        code = (x.view(torch.int64) & 0x7FFFFFFFFFFFFFFF) >> 49  # 11-bit exponent (bias 1023) + 3 bits
+        offset = (1023 + HIST_EXP_MIN) * HIST_SUB - 1
+    else:
+        code = (x.view(torch.int32) & 0x7FFFFFFF) >> 20  # 8-bit exponent (bias 127) + 3 bits
+        offset = (127 + HIST_EXP_MIN) * HIST_SUB - 1
+    idx = (code.reshape(-1) - offset).clamp_(0, HIST_NBINS - 1)
+    return _as_np(torch.bincount(idx, minlength=HIST_NBINS)).astype(np.int64)
+
+
+def summarize(x: "torch.Tensor", sample_ids: np.ndarray, token_ids: np.ndarray, k: int) -> tuple[Moments, MagnitudeHistogram, TopK]:
+    """All three partial statistics of a [N, C] tensor in few passes over it (the probes' hot path).
+
+    Equal to ``Moments.from_tensor``, ``MagnitudeHistogram.from_tensor`` and ``TopK.from_tensor``
+    (tested), but fused: one ``var_mean``, one ``aminmax``, a bit-level histogram and a top-k found
+    among the elements at least as large as the k-th largest channel maximum (which must contain
+    the k largest elements overall)."""
+    import torch
+
+    x = x.detach()
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    n, c = x.shape
+    if n == 0:
+        return Moments.empty(c), MagnitudeHistogram.empty(), TopK.empty(k)
+    var, mean = torch.var_mean(x, dim=0, correction=0)
+    if not bool(torch.isfinite(var).all()):  # rare: mask out and count non-finite values
+        return (Moments.from_tensor(x), MagnitudeHistogram.from_tensor(x), TopK.from_tensor(x, sample_ids, token_ids, k))
+    lo, hi = torch.aminmax(x, dim=0)
+    max_abs = torch.maximum(hi, -lo)
+    mom = Moments(np.full(c, n, dtype=np.int64), _as_np(mean).astype(np.float64),
+                  _as_np(var).astype(np.float64) * n, _as_np(max_abs).astype(np.float64), np.zeros(c, dtype=np.int64))
+    hist = MagnitudeHistogram(_hist_from_bits(x))
+    if c >= k:
+        thr = torch.topk(max_abs, k).values[-1]
+        a = x.abs()
+        idx = torch.nonzero(a.reshape(-1) >= thr).reshape(-1)
+        v = _as_np(a.reshape(-1)[idx]).astype(np.float64)
+        idx = _as_np(idx).astype(np.int64)
+        rows, cols = idx // c, idx % c
+        tk = TopK._select(k, v, cols, np.asarray(sample_ids)[rows], np.asarray(token_ids)[rows])
+    else:
+        tk = TopK.from_tensor(x, sample_ids, token_ids, k)
+    return mom, hist, tk
