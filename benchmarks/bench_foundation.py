@@ -92,9 +92,13 @@ def bench_merge(n_shards: int) -> dict[str, float]:
         size = sum(p.stat().st_size for p in paths)
 
         def raw() -> None:
+            def read(name: str, obj: object) -> None:  # must return None, or visititems stops
+                if isinstance(obj, h5py.Dataset):
+                    obj[()]
+
             for p in paths:
                 with h5py.File(p, "r") as f:
-                    f.visititems(lambda name, obj: obj[()] if isinstance(obj, h5py.Dataset) else None)
+                    f.visititems(read)
 
         def merged() -> None:
             DinoV3Channels().merge(load_shards(paths, "dinov3_channels", "m", "h"))
