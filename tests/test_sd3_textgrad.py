@@ -216,7 +216,7 @@ def test_lora_changes_scores_and_reloads_identically(pipe, tiny_dir, tmp_path):
 
 
 def test_lora_errors_name_the_problem(tiny_dir, tmp_path):
-    make_adapter(tiny_dir, tmp_path / "lora", targets=("add_q_proj",))
+    sd3.build_tiny_lora(tmp_path / "lora", targets=("add_q_proj",))
     mcfg = {"kind": "path", "path": str(tiny_dir), "lora": str(tmp_path / "lora")}
     with pytest.raises(ModelLoadError, match="lora_target.*to_k"):
         sd3.load({**mcfg, "lora_target": ["add_q_proj", "to_k"]}, CPU, torch.float32)
@@ -346,3 +346,23 @@ def test_bad_timestep_and_layers_name_the_field(tmp_path, tiny_dir, dataset):
         run(tmp_path, tiny_dir, dataset, {"timestep": "1000", "seed": "0", "slice": "0of1"})
     with pytest.raises(ConfigError, match="layers: \\[7\\]"):
         run(tmp_path, tiny_dir, dataset, {"timestep": "10", "seed": "0", "slice": "0of1"}, layers=[1, 7])
+
+
+def test_lora_saved_by_peftmodel_matches_peft_forward(pipe, tiny_dir, tmp_path):
+    """An adapter written by PeftModel.save_pretrained ('base_model.model.' keys) loads, and the
+    merged transformer equals peft's own (unmerged) LoRA forward."""
+    from peft import LoraConfig, get_peft_model
+
+    base = sd3.load({"kind": "path", "path": str(tiny_dir)}, CPU, torch.float32).transformer
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["add_k_proj", "to_v"], init_lora_weights=False)
+    torch.manual_seed(3)
+    pm = get_peft_model(base, cfg)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    merged = sd3.load({"kind": "path", "path": str(tiny_dir), "lora": str(tmp_path / "peft")}, CPU, torch.float32).transformer
+    kw = call_kwargs(pipe)
+    with torch.no_grad():
+        ref = pm(**kw, return_dict=False)[0]
+        got = merged(**kw, return_dict=False)[0]
+        plain = pipe.transformer(**kw, return_dict=False)[0]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert float((ref - plain).abs().max()) > 1e-3

@@ -29,7 +29,7 @@ import torch
 from layerscope.models import ModelLoadError, source_of
 
 __all__ = [
-    "TINY_ARCHS", "tiny_pipeline", "build_tiny", "load", "apply_lora", "parse_lora_target", "save_lora_adapter",
+    "TINY_ARCHS", "tiny_pipeline", "build_tiny", "build_tiny_lora", "load", "apply_lora", "parse_lora_target", "save_lora_adapter",
     "text_token_mask", "CLIP_SEQ_LEN",
 ]
 
@@ -296,6 +296,21 @@ def save_lora_adapter(transformer: torch.nn.Module, config: Any, out_dir: str | 
     state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
     save_file(state, str(out_dir / "adapter_model.safetensors"))
     config.save_pretrained(str(out_dir))
+
+
+def build_tiny_lora(out_dir: str | Path, arch: str = "default", seed: int = 0,
+                    targets: Sequence[str] = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+                    rank: int = 4, alpha: float = 8.0) -> None:
+    """A random (non-zero) peft LoRA adapter for a tiny SD3 transformer, so a default study can put
+    a LoRA'd model on its models axis.  Only the shapes of ``arch`` matter, not the base weights."""
+    from diffusers import SD3Transformer2DModel
+    from peft import LoraConfig, inject_adapter_in_model
+
+    tr = SD3Transformer2DModel(**TINY_ARCHS[arch]["transformer"])
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False)
+    torch.manual_seed(seed)
+    inject_adapter_in_model(cfg, tr)
+    save_lora_adapter(tr, cfg, out_dir)
 
 
 # ---------------------------------------------------------------------------------------- text

@@ -351,7 +351,8 @@ class SD3TextGrad(Probe):
         if dup.any():
             r = samples[dup].iloc[0]
             raise ShardError(f"sample {r.image_id} appears twice for timestep {r.timestep_index}, seed {r.seed}: overlapping shards")
-        samples.insert(0, "line", [f"t={t}" if per_timestep else "all timesteps" for t in samples["timestep_index"]])
+        samples.insert(0, "line", [f"step {t} (sigma {sg:.2f})" if per_timestep else "all timesteps"
+                                   for t, sg in zip(samples["timestep_index"], samples["sigma"])])
         blocks = pd.concat([self._block_table(samples, by_timestep=True), self._block_table(samples, by_timestep=False)],
                            ignore_index=True)
         tok_cols = ["timestep_index", "block", "hook", "position", "segment", "segment_position", "count", "nonfinite",
