@@ -407,7 +407,7 @@ class SD3TextGrad(Probe):
         labels = {"strength": "mean token gradient norm", "topk_mass": "top-k mass", "entropy": "entropy (nats)"}
         for metric, fname in FIGURES.items():
             d = s[np.isfinite(s[metric].astype(float))]
-            fig, ax = plt.subplots(figsize=(6.5, 3.8))
+            fig, ax = plt.subplots(figsize=(8, 3.8))
             sns.lineplot(data=d, x="block", y=metric, hue="model", style="line" if several else None, markers=True,
                          dashes=True, errorbar=("ci", 95), n_boot=500, seed=0, ax=ax)
             if metric == "strength":
@@ -419,6 +419,8 @@ class SD3TextGrad(Probe):
             ax.set_title(f"{labels[metric]} of dy/d(text input) per block\n"
                          f"95% CI over {n_seeds} seed(s) x {n_img} sample(s) {caption}".strip(), fontsize=9)
             ax.xaxis.get_major_locator().set_params(integer=True)
+            if ax.get_legend() is not None:
+                sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
             fig.tight_layout()
             fig.savefig(fig_dir / f"{fname}.png", dpi=120)
             plt.close(fig)
