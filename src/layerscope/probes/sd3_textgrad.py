@@ -148,8 +148,9 @@ def text_input_grads(transformer: "torch.nn.Module", blocks: Sequence[int], call
 
 def text_input_grads_per_block(transformer: "torch.nn.Module", blocks: Sequence[int],
                                call_kwargs: Mapping[str, Any]) -> dict[int, "torch.Tensor"]:
-    """The baseline the one-pass method replaces: one forward and one backward per block, each
-    differentiating with respect to that block's text input alone (used by the benchmark)."""
+    """A baseline for the one-pass method: one forward and one backward per block, each
+    differentiating with respect to that block's text input alone (made a leaf there, so the
+    backward stops at block i: the cheapest per-block loop; used by the benchmark)."""
     out = {}
     for i in blocks:
         out[i] = text_input_grads(transformer, [i], call_kwargs, force_txt_grad=True)[1][i]
