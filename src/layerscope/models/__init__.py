@@ -24,6 +24,7 @@ FAMILIES: dict[str, str] = {
     "sdxl": "layerscope.models.sdxl",
     "clip": "layerscope.models.clip",
     "wan": "layerscope.models.wan",
+    "sd3": "layerscope.models.sd3",
 }
 
 
