@@ -126,7 +126,7 @@ def load_pipeline(model_cfg: Mapping[str, Any], device: torch.device, dtype: tor
         absent = {k: None for k, v in json.loads(index.read_text()).items()
                   if isinstance(v, list) and (len(v) < 2 or v[0] is None or v[1] is None)}
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(src, torch_dtype=dtype, **absent)
+        pipe = StableDiffusion3Pipeline.from_pretrained(src, dtype=dtype, **absent)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load an SD3 pipeline from {src}: {str(e).splitlines()[0]}") from None
     if model_cfg.get("lora"):
