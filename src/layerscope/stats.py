@@ -117,15 +117,15 @@ class Moments:
         import torch
 
         x = x.detach()
-        x = x.float() if x.dtype != torch.float32 else x
+        x = x if x.dtype in (torch.float32, torch.float64) else x.float()  # half precision -> fp32
         n, c = x.shape
         s = x.sum(dim=0)
         if bool(torch.isfinite(s).all()):
             mean = s / max(n, 1)
             m2 = ((x - mean) ** 2).sum(dim=0)
-            max_abs = x.abs().amax(dim=0) if n else torch.zeros(c, device=x.device)
+            max_abs = x.abs().amax(dim=0) if n else torch.zeros(c, device=x.device, dtype=x.dtype)
             return cls(
-                np.full(c, n, dtype=np.int64),
+                np.full(c, n, dtype=np.int64),  # all finite
                 _as_np(mean).astype(np.float64),
                 _as_np(m2).astype(np.float64),
                 _as_np(max_abs).astype(np.float64),
@@ -276,7 +276,8 @@ class TopK:
         """x: [N, C]. Takes the top candidates on the device, then resolves ties exactly on the host."""
         import torch
 
-        a = x.detach().float().abs()
+        a = x.detach()
+        a = (a if a.dtype == torch.float64 else a.float()).abs()
         a = torch.where(torch.isfinite(a), a, torch.full_like(a, -1.0))
         flat = a.reshape(-1)
         kk = min(flat.numel(), k)

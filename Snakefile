@@ -1,0 +1,22 @@
+# layerscope: layer-by-layer probes of diffusion and vision transformers.
+#   snakemake -n                       plan (dry run: the job table per rule)
+#   snakemake --profile profiles/local run here;  snakemake --profile slurm  on the cluster
+#   snakemake --forcerun <shard.h5>    rerun one shard and what depends on it
+# Top level stays light: every SLURM job re-reads this file, so no torch import or model loading here.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/inputs.smk"
+include: "workflow/rules/probes.smk"
+
+
+rule all:
+    input:
+        PLAN.targets(),
+    default_target: True

@@ -1,0 +1,124 @@
+"""Mergeable statistics against numpy on the concatenated data."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from layerscope.stats import HIST_NBINS, MagnitudeHistogram, Moments, TopK, hist_edges
+
+
+def _random_splits(n: int, parts: int, rng: random.Random) -> list[tuple[int, int]]:
+    cuts = sorted(rng.sample(range(1, n), parts - 1))
+    b = [0, *cuts, n]
+    return list(zip(b[:-1], b[1:]))
+
+
+@pytest.fixture
+def data() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    x = rng.standard_t(df=3, size=(503, 7)) * np.array([1, 10, 0.01, 1e3, 1, 5, 2]) + np.array([0, 5, -1, 1e4, 0, 0, 3])
+    return x
+
+
+def test_moments_merge_any_grouping_equals_one_pass(data):
+    ref_mean, ref_std = data.mean(axis=0), data.std(axis=0)
+    rng = random.Random(1)
+    for parts in (2, 3, 7):
+        chunks = [data[a:b] for a, b in _random_splits(len(data), parts, rng)]
+        stats = [Moments.from_numpy(c) for c in chunks]
+        for order in itertools.islice(itertools.permutations(range(parts)), 6):
+            acc = Moments.empty(data.shape[1])
+            for i in order:
+                acc = acc.merge(stats[i])
+            np.testing.assert_array_equal(acc.count, np.full(7, len(data)))
+            np.testing.assert_allclose(acc.mean, ref_mean, rtol=1e-12, atol=1e-9)
+            np.testing.assert_allclose(acc.std, ref_std, rtol=1e-10)
+            np.testing.assert_array_equal(acc.max_abs, np.abs(data).max(axis=0))
+        # tree-shaped grouping: ((a+b)+(c+...)) equals left fold
+        if parts >= 3:
+            tree = stats[0].merge(stats[1]).merge(stats[2:][0] if parts == 3 else stats[2].merge(stats[3]))
+            if parts == 3:
+                np.testing.assert_allclose(tree.mean, ref_mean, rtol=1e-12, atol=1e-9)
+
+
+def test_moments_from_tensor_matches_numpy(data):
+    x = torch.tensor(data, dtype=torch.float32)
+    m = Moments.from_tensor(x)
+    ref = data.astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(m.mean, ref.mean(axis=0), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(m.std, ref.std(axis=0), rtol=1e-4)
+    np.testing.assert_array_equal(m.max_abs, np.abs(ref).max(axis=0))
+
+
+def test_nonfinite_values_are_counted_not_dropped(data):
+    d = data.copy()
+    d[3, 1] = np.nan
+    d[10, 1] = np.inf
+    d[11, 4] = -np.inf
+    for m in (Moments.from_numpy(d), Moments.from_tensor(torch.tensor(d))):
+        np.testing.assert_array_equal(m.nonfinite, [0, 2, 0, 0, 1, 0, 0])
+        np.testing.assert_array_equal(m.count, len(d) - np.array([0, 2, 0, 0, 1, 0, 0]))
+        finite_col = np.delete(d[:, 1], [3, 10])
+        np.testing.assert_allclose(m.mean[1], finite_col.mean(), rtol=1e-9)
+        assert np.isfinite(m.std).all()
+    # merge keeps the counts
+    a, b = Moments.from_numpy(d[:200]), Moments.from_numpy(d[200:])
+    np.testing.assert_array_equal(a.merge(b).nonfinite, [0, 2, 0, 0, 1, 0, 0])
+
+
+def test_empty_channel_has_nan_std_not_zero():
+    m = Moments.from_numpy(np.full((4, 2), np.nan))
+    assert np.isnan(m.std).all() and (m.count == 0).all() and (m.nonfinite == 4).all()
+
+
+def test_histogram_bins_match_explicit_edges_and_merge(data):
+    a = np.abs(data.ravel())
+    edges = np.concatenate([[0.0], hist_edges(), [2.0**24, np.inf]])
+    ref = np.histogram(a, bins=edges)[0]
+    h = MagnitudeHistogram.from_numpy(data)
+    np.testing.assert_array_equal(h.counts, ref)
+    ht = MagnitudeHistogram.from_tensor(torch.tensor(data, dtype=torch.float64))
+    np.testing.assert_array_equal(ht.counts, ref)
+    parts = [MagnitudeHistogram.from_numpy(c) for c in np.array_split(data, 5)]
+    acc = MagnitudeHistogram.empty()
+    for p in reversed(parts):
+        acc = acc.merge(p)
+    np.testing.assert_array_equal(acc.counts, ref)
+    assert len(h.counts) == HIST_NBINS
+
+
+def test_histogram_median_within_bin_resolution():
+    rng = np.random.default_rng(3)
+    for scale in (1e-3, 1.0, 250.0):
+        x = rng.lognormal(mean=np.log(scale), sigma=1.5, size=20001)
+        med = MagnitudeHistogram.from_numpy(x).median
+        assert abs(med - np.median(x)) / np.median(x) < 0.125
+    # zeros land in the underflow bin and give a median of 0
+    assert MagnitudeHistogram.from_numpy(np.zeros(10)).median == 0.0
+
+
+def test_topk_merge_is_exact_and_order_free(data):
+    n = len(data)
+    sid = np.arange(n) // 10
+    tok = np.arange(n) % 10
+    ref = TopK.from_numpy(data, sid, tok, 5)
+    flat = np.abs(data).ravel()
+    np.testing.assert_array_equal(ref.value, np.sort(flat)[::-1][:5])
+    parts = [(data[a:b], sid[a:b], tok[a:b]) for a, b in [(0, 100), (100, 101), (101, 400), (400, n)]]
+    for order in ([0, 1, 2, 3], [3, 1, 0, 2]):
+        acc = TopK.empty(5)
+        for i in order:
+            x, s, t = parts[i]
+            acc = acc.merge(TopK.from_tensor(torch.tensor(x), s, t, 5))
+        np.testing.assert_array_equal(acc.value, ref.value)
+        np.testing.assert_array_equal(acc.channel, ref.channel)
+        np.testing.assert_array_equal(acc.sample, ref.sample)
+        np.testing.assert_array_equal(acc.token, ref.token)
+        # positions point at the values
+        for v, c, s, t in zip(acc.value, acc.channel, acc.sample, acc.token):
+            assert abs(data[s * 10 + t, c]) == v

@@ -1,0 +1,59 @@
+# Config parsing and input functions. The plan (config -> shards) lives in the layerscope package
+# (pure Python, no torch), so the CLI, the tests and Snakemake agree on every shard's identity.
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from layerscope.plan import ConfigError, Plan, format_validation_error
+
+try:
+    validate(config, "../schemas/config.schema.yaml")
+except WorkflowError as e:
+    _ve = next((a for a in e.args if hasattr(a, "absolute_path")), None)
+    raise WorkflowError(format_validation_error(_ve) if _ve is not None else str(e)) from None
+
+try:
+    PLAN = Plan(config, workdir=os.getcwd())
+except ConfigError as e:
+    raise WorkflowError(str(e)) from None
+
+ENV = "../../envs/layerscope.yaml"
+# The CLI: on PATH when the environment is active (conda, or an activated venv); otherwise the
+# interpreter running Snakemake, so `.venv/bin/snakemake` works without activation.
+import shutil
+
+LAYERSCOPE = "layerscope" if shutil.which("layerscope") else f"{sys.executable} -m layerscope"
+SAFE = r"[A-Za-z0-9.+=-]+(_[A-Za-z0-9.+=-]+)*"
+
+
+wildcard_constraints:
+    model=SAFE,
+    shard=r"[A-Za-z0-9.+=_-]+",
+    dataset=SAFE,
+
+
+def probe_resources(probe, default_gpus):
+    """Resources of a probe's shard jobs; GPU requests go through the SLURM plugin's `gpu`/`gpu_model`."""
+    res = dict(config["probes"][probe].get("resources") or {})
+    res.setdefault("gpus", default_gpus)
+    out = {"mem_mb": res.get("mem_mb", 8000), "runtime": res.get("runtime", 60)}
+    if res["gpus"]:
+        out["gpu"] = res["gpus"]
+        if res.get("gpu_model"):
+            out["gpu_model"] = res["gpu_model"]
+    return out
+
+
+def caption(probe, figure):
+    """Report caption file for a figure (a per-figure .rst, else the probe's)."""
+    base = Path(workflow.basedir) / "workflow" / "report"
+    for f in (base / probe / f"{figure}.rst", base / f"{probe}.rst"):
+        if f.is_file():
+            return str(f)
+    return str(base / "default.rst")

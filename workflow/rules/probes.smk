@@ -1,0 +1,77 @@
+# Three rules per enabled probe, generated from the probe's declarations (layerscope.probes):
+#   <probe>_shard    one job per (model, axis values): GPU work -> results/<probe>/shards/<model>/<shard>.h5
+#   <probe>_merge    one job per model: validated shards -> results/<probe>/tables/<model>/*.csv
+#   <probe>_figures  one job per probe: every model's tables -> results/<probe>/figures/*.png (in the report)
+
+for _probe, _impl in PLAN.probes.items():
+
+    rule:
+        name:
+            f"{_probe}_shard"
+        input:
+            lambda w, p=_probe: PLAN.shard_inputs(p, w.model),
+        output:
+            f"results/{_probe}/shards/{{model}}/{{shard}}.h5",
+        params:
+            spec=lambda w, p=_probe: PLAN.spec_json(p, w.model, w.shard),
+        log:
+            f"results/logs/{_probe}/shards/{{model}}/{{shard}}.log",
+        threads: PLAN.threads(_probe)
+        resources:
+            **probe_resources(_probe, 1 if _impl.gpu else 0),
+        conda:
+            ENV
+        shell:
+            LAYERSCOPE + " run-shard --spec {params.spec:q} --out {output} > {log} 2>&1"
+
+    rule:
+        name:
+            f"{_probe}_merge"
+        input:
+            lambda w, p=_probe: PLAN.shard_paths(p, w.model),
+        output:
+            [f"results/{_probe}/tables/{{model}}/{t}.csv" for t in _impl.tables],
+        params:
+            probe=_probe,
+            expect=lambda w, p=_probe: PLAN.config_hash(p, w.model),
+        log:
+            f"results/logs/{_probe}/merge/{{model}}.log",
+        threads: 1
+        resources:
+            mem_mb=4000,
+            runtime=30,
+        conda:
+            ENV
+        shell:
+            LAYERSCOPE + " merge --probe {params.probe} --model {wildcards.model} --expect-hash {params.expect}"
+            " --out-dir results/{params.probe}/tables/{wildcards.model} {input} > {log} 2>&1"
+
+    rule:
+        name:
+            f"{_probe}_figures"
+        input:
+            lambda w, p=_probe: [t for m in PLAN.models_of(p) for t in PLAN.table_paths(p, m)],
+        output:
+            [
+                report(
+                    f"results/{_probe}/figures/{f}.png",
+                    caption=caption(_probe, f),
+                    category=_probe,
+                )
+                for f in _impl.figures
+            ],
+        params:
+            probe=_probe,
+            tables=lambda w, p=_probe: [f"results/{p}/tables/{m}" for m in PLAN.models_of(p)],
+            caption=lambda w: f"(config {', '.join(workflow.configfiles) or 'config.yaml'})",
+        log:
+            f"results/logs/{_probe}/figures.log",
+        threads: 1
+        resources:
+            mem_mb=4000,
+            runtime=30,
+        conda:
+            ENV
+        shell:
+            LAYERSCOPE + " plot --probe {params.probe} --out-dir results/{params.probe}/figures"
+            " --caption {params.caption:q} {params.tables} > {log} 2>&1"
