@@ -175,7 +175,12 @@ def test_full_checkpoint_round_trip_and_lora_adapter(study, tmp_path):
 
 
 def test_probe_shard_checkpoint_merge_plot_and_plan(study, tmp_path, monkeypatch):
+    """Through the lead's CLI (run-shard), merge driver and plot driver, as the Snakemake rules run them."""
+    import pandas as pd
+
+    from layerscope.cli import main as cli
     from layerscope.h5io import Shard, ShardWriter
+    from layerscope.merge import merge_to_tables, plot_from_tables
     from layerscope.plan import Plan, validate_config
     from layerscope.probes import get_probe
     from layerscope.probes.base import ShardSpec
@@ -183,9 +188,10 @@ def test_probe_shard_checkpoint_merge_plot_and_plan(study, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     probe = get_probe("sd3_recon_train")
     cfg = {
+        "runtime": {"device": "cpu"},
         "models": {"tiny": {"family": "sd3", "source": str(study["base"])},
                    "tiny_recon": {"family": "sd3", "source": "results/sd3_recon/checkpoints/tiny/gamma-0.5__target-1__seed-0"}},
-        "datasets": {"toy": {"kind": "list", "path": str(study["index"])}},  # any existing path; the index below is used
+        "datasets": {"toy": {"kind": "list", "path": str(study["index"])}},  # an existing path; the index is built below
         "probes": {"sd3_recon_train": {"models": ["tiny"], "dataset": "toy", "gammas": [0.0, 0.5], "targets": [1],
                                        "seeds": [0], "steps": 3, "max_sequence_length": 4}},
     }
@@ -193,39 +199,41 @@ def test_probe_shard_checkpoint_merge_plot_and_plan(study, tmp_path, monkeypatch
     plan = Plan(cfg, tmp_path)
     assert plan.shards("sd3_recon_train") == [("tiny", "gamma-0__target-1__seed-0"), ("tiny", "gamma-0.5__target-1__seed-0")]
     assert plan.model("tiny_recon")["kind"] == "path"  # a path under results/ is produced by a rule
+    Path("results/data/toy").mkdir(parents=True)
+    Path("results/data/toy/index.tsv").write_bytes(Path(study["index"]).read_bytes())
 
-    shards = []
+    paths = []
     for model, label in plan.shards("sd3_recon_train"):
-        spec = plan.spec("sd3_recon_train", model, label)
-        spec = ShardSpec(**{**spec.to_json_dict(), "datasets": {"toy": {"index": str(study["index"])}}, "device": "cpu"})
-        out = Path(plan.shard_path("sd3_recon_train", model, label))
-        with ShardWriter(out, {"probe": spec.probe, "model": model, "axes": spec.axes, "config_hash": spec.config_hash}) as w:
-            probe.run_shard(spec, w)
-        shards.append(Shard(out))
+        out = plan.shard_path("sd3_recon_train", model, label)
+        assert cli(["run-shard", "--spec", plan.spec_json("sd3_recon_train", model, label), "--out", out]) == 0
+        paths.append(out)
+    shards = [Shard(p) for p in paths]
     ck = Path("results/sd3_recon/checkpoints/tiny/gamma-0.5__target-1__seed-0")
+    assert ck == Path(plan.model("tiny_recon")["path"])  # the checkpoint is exactly what the second model loads
     assert (ck / "model_index.json").is_file() and (ck / "transformer").is_dir()
+    assert Path("results/sd3_recon/checkpoints/tiny/gamma-0__target-1__seed-0/model_index.json").is_file()
     man = json.loads((ck / "layerscope_checkpoint.json").read_text())
     assert man["train"]["gamma"] == 0.5 and man["train"]["target_layer"] == 1 and man["axes"]["seed"] == "0"
     assert shards[1].attrs["checkpoint"] == str(ck) and shards[1].attrs["target_hook"] == "transformer_blocks.0.hook_text_out"
 
-    tables = probe.merge(shards)
-    df = tables["losses"]
+    merge_to_tables("sd3_recon_train", "tiny", paths, "results/sd3_recon_train/tables/tiny", plan.config_hash("sd3_recon_train", "tiny"))
+    df = pd.read_csv("results/sd3_recon_train/tables/tiny/losses.csv")
     assert len(df) == 6 and set(df["gamma"]) == {0.0, 0.5}
     for sh in shards:
         sub = df[df["gamma"] == float(sh.axes["gamma"])]
         g = sh.groups["train/losses"]
-        np.testing.assert_array_equal(sub["total"].to_numpy(), g["total"])
-        np.testing.assert_array_equal(sub["recon"].to_numpy(), g["recon"])
+        np.testing.assert_allclose(sub["total"].to_numpy(), g["total"], rtol=1e-15)
+        np.testing.assert_allclose(sub["recon"].to_numpy(), g["recon"], rtol=1e-15)
     on = df[df["gamma"] == 0.5]
     np.testing.assert_allclose(on["total"], on["denoise"] + 0.5 * on["recon"], rtol=1e-6)
-    assert (df[df["gamma"] == 0.0]["recon"] == 0).all()
-    probe.plot(tables, tmp_path / "figs")
-    assert (tmp_path / "figs" / "loss_curves.png").stat().st_size > 10_000
+    assert (df[df["gamma"] == 0.0]["recon"] == 0).all() and (on["recon"] > 0).all()
+    plot_from_tables("sd3_recon_train", ["results/sd3_recon_train/tables/tiny"], "results/sd3_recon_train/figures", "test")
+    assert Path("results/sd3_recon_train/figures/loss_curves.png").stat().st_size > 10_000
 
     # a target layer beyond the model fails before any training, naming the key and the range
     spec = plan.spec("sd3_recon_train", "tiny", "gamma-0.5__target-1__seed-0")
-    bad = ShardSpec(**{**spec.to_json_dict(), "axes": {"gamma": "0.5", "target": "3", "seed": "0"},
-                       "datasets": {"toy": {"index": str(study["index"])}}, "device": "cpu"})
-    with ShardWriter(tmp_path / "bad.h5", {}) as w:
-        with pytest.raises(ReconConfigError, match=r"text_recon_target_layer: 3 is out of range .* valid: 0\.\.2"):
+    bad = ShardSpec(**{**spec.to_json_dict(), "axes": {"gamma": "0.5", "target": "3", "seed": "0"}})
+    with pytest.raises(ReconConfigError, match=r"text_recon_target_layer: 3 is out of range .* valid: 0\.\.2"):
+        with ShardWriter(tmp_path / "bad.h5", {}) as w:
             probe.run_shard(bad, w)
+    assert not (tmp_path / "bad.h5").exists()

@@ -13,7 +13,7 @@ training.  The checkpoint is complete before the shard is: a shard on disk impli
 Shard layout: group ``train/losses`` with float64 arrays ``step, denoise, recon, total, sigma,
 grad_norm`` (one entry per optimizer step), int64 ``n_valid_tokens`` and bool ``skipped``; root
 attributes ``checkpoint``, ``checkpoint_kind``, ``final_hook``, ``target_hook``, ``trainable_params``,
-``train_seconds``, ``data_digest``.
+``train_seconds``, ``n_images``.
 """
 
 from __future__ import annotations
@@ -109,7 +109,6 @@ class SD3ReconTrain(Probe):
             "total": result.total, "sigma": result.sigma, "grad_norm": result.grad_norm,
             "n_valid_tokens": result.n_valid_tokens, "skipped": result.skipped,
         }, attrs={"recon_computed": result.recon_computed, "gamma": cfg.gamma, "target_layer": cfg.target_layer})
-        writer.set_attr("data_digest", index_digest(ds["index"]))
         writer.set_attr("checkpoint", str(ckpt))
         writer.set_attr("checkpoint_kind", "pipeline" if peft_model is None else "lora")
         writer.set_attr("final_hook", result.final_hook)
@@ -132,17 +131,16 @@ class SD3ReconTrain(Probe):
             ax = sh.axes
             df = pd.DataFrame({"step": g["step"], **{c: g[c] for c in LOSS_COLUMNS},
                                "n_valid_tokens": g["n_valid_tokens"], "skipped": g["skipped"].astype(bool)})
-            df.insert(0, "model", sh.model)
-            df.insert(1, "gamma", float(ax["gamma"]))
-            df.insert(2, "target", int(ax["target"]))
-            df.insert(3, "seed", int(ax["seed"]))
+            df.insert(0, "gamma", float(ax["gamma"]))  # no 'model' column: plot_from_tables adds it
+            df.insert(1, "target", int(ax["target"]))
+            df.insert(2, "seed", int(ax["seed"]))
             df["final_hook"] = sh.attrs.get("final_hook")
             df["target_hook"] = sh.attrs.get("target_hook")
             df["checkpoint"] = sh.attrs.get("checkpoint")
             frames.append(df)
         if not frames:
             raise ShardError("no sd3_recon_train shards to merge")
-        out = pd.concat(frames, ignore_index=True).sort_values(["model", "gamma", "target", "seed", "step"], kind="stable")
+        out = pd.concat(frames, ignore_index=True).sort_values(["gamma", "target", "seed", "step"], kind="stable")
         return {"losses": out.reset_index(drop=True)}
 
     def plot(self, tables: dict[str, "pd.DataFrame"], fig_dir: Path, caption: str = "") -> None:
@@ -152,12 +150,11 @@ class SD3ReconTrain(Probe):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import pandas as pd
         import seaborn as sns
 
-        df = tables["losses"]
-        if isinstance(df, dict):  # {model: table} from the generic plot rule
-            df = pd.concat(list(df.values()), ignore_index=True)
+        df = tables["losses"]  # every model's rows, with the 'model' column plot_from_tables adds
+        if "model" not in df.columns:
+            df = df.assign(model="model")
         long = df.melt(id_vars=["model", "gamma", "target", "seed", "step"], value_vars=["denoise", "recon", "total"],
                        var_name="loss", value_name="value")
         long["gamma"] = long["gamma"].map(gamma_label)
