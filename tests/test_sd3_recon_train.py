@@ -227,6 +227,7 @@ def test_probe_shard_checkpoint_merge_plot_and_plan(study, tmp_path, monkeypatch
     on = df[df["gamma"] == 0.5]
     np.testing.assert_allclose(on["total"], on["denoise"] + 0.5 * on["recon"], rtol=1e-6)
     assert (df[df["gamma"] == 0.0]["recon"] == 0).all() and (on["recon"] > 0).all()
+    assert not df[df["gamma"] == 0.0]["recon_computed"].any() and on["recon_computed"].all()
     plot_from_tables("sd3_recon_train", ["results/sd3_recon_train/tables/tiny"], "results/sd3_recon_train/figures", "test")
     assert Path("results/sd3_recon_train/figures/loss_curves.png").stat().st_size > 10_000
 

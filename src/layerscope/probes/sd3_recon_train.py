@@ -118,7 +118,10 @@ class SD3ReconTrain(Probe):
         writer.set_attr("n_images", len(records))
 
     def merge(self, shards: list["Shard"]) -> dict[str, "pd.DataFrame"]:
-        """One row per (shard, step): the losses as trained, NaN included (never dropped)."""
+        """One row per (shard, step): the losses as trained, NaN included (never dropped).
+
+        ``recon`` is 0 and ``recon_computed`` False for gamma = 0 runs (the term is not computed),
+        so ``total == denoise + gamma * recon`` holds on every row."""
         import pandas as pd
 
         from layerscope.h5io import ShardError
@@ -130,7 +133,8 @@ class SD3ReconTrain(Probe):
                 raise ShardError(f"{sh.path}: no train/losses group (not an sd3_recon_train shard?)")
             ax = sh.axes
             df = pd.DataFrame({"step": g["step"], **{c: g[c] for c in LOSS_COLUMNS},
-                               "n_valid_tokens": g["n_valid_tokens"], "skipped": g["skipped"].astype(bool)})
+                               "n_valid_tokens": g["n_valid_tokens"], "skipped": g["skipped"].astype(bool),
+                               "recon_computed": bool(sh.group_attrs.get("train/losses", {}).get("recon_computed", False))})
             df.insert(0, "gamma", float(ax["gamma"]))  # no 'model' column: plot_from_tables adds it
             df.insert(1, "target", int(ax["target"]))
             df.insert(2, "seed", int(ax["seed"]))
@@ -155,8 +159,10 @@ class SD3ReconTrain(Probe):
         df = tables["losses"]  # every model's rows, with the 'model' column plot_from_tables adds
         if "model" not in df.columns:
             df = df.assign(model="model")
-        long = df.melt(id_vars=["model", "gamma", "target", "seed", "step"], value_vars=["denoise", "recon", "total"],
-                       var_name="loss", value_name="value")
+        long = df.melt(id_vars=["model", "gamma", "target", "seed", "step", "recon_computed"],
+                       value_vars=["denoise", "recon", "total"], var_name="loss", value_name="value")
+        # gamma = 0 runs never compute the reconstruction (no capture, no cost): leave them out of that panel
+        long = long[(long["loss"] != "recon") | long["recon_computed"].astype(bool)]
         long["gamma"] = long["gamma"].map(gamma_label)
         long["target"] = long["target"].astype(str)
         g = sns.relplot(data=long, x="step", y="value", hue="gamma", style="target", col="loss", row="model",
