@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 FAMILIES: dict[str, str] = {
     "dinov3": "layerscope.models.dinov3",
+    "sd3": "layerscope.models.sd3",
 }
 
 

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 PROBES: dict[str, str] = {
     "dinov3_channels": "layerscope.probes.dinov3_channels:DinoV3Channels",
     "sd3_recon_train": "layerscope.probes.sd3_recon_train:SD3ReconTrain",
+    "sd3_textgrad": "layerscope.probes.sd3_textgrad:SD3TextGrad",
 }
 
 
