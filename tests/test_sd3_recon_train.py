@@ -78,7 +78,10 @@ def study(tmp_path_factory):
         lines.append(f"im{i}.png\t{cap}")
     (root / "caps.tsv").write_text("\n".join(lines) + "\n")
     index = build_index("toy", {"kind": "folder", "path": str(img_dir), "captions": str(root / "caps.tsv")}, root / "data" / "index.tsv")
-    return {"root": root, "base": base, "index": index}
+    from layerscope.models import build_tiny
+
+    build_tiny("sd3", "default", 0, root / "sd3_tiny_t5")  # the default study's tiny SD3 (with a tiny T5)
+    return {"root": root, "base": base, "index": index, "tiny_t5": root / "sd3_tiny_t5"}
 
 
 def _data(pipe, index, max_seq=4):
@@ -172,6 +175,8 @@ def test_full_checkpoint_round_trip_and_lora_adapter(study, tmp_path):
         trained, reloaded = pipe.transformer(**x)[0], back.transformer(**x)[0]
         plain = load_pipeline({"kind": "path", "path": str(study["base"])}, dev).transformer(**x)[0]
     assert torch.allclose(trained, reloaded, atol=1e-5) and not torch.allclose(trained, plain, atol=1e-4)
+    # the adapted model is a plain diffusers transformer again (merged weights, plain keys): it trains and saves as one
+    assert back.transformer.state_dict().keys() == load_pipeline({"kind": "path", "path": str(study["base"])}, dev).transformer.state_dict().keys()
 
 
 def test_probe_shard_checkpoint_merge_plot_and_plan(study, tmp_path, monkeypatch):
@@ -189,11 +194,11 @@ def test_probe_shard_checkpoint_merge_plot_and_plan(study, tmp_path, monkeypatch
     probe = get_probe("sd3_recon_train")
     cfg = {
         "runtime": {"device": "cpu"},
-        "models": {"tiny": {"family": "sd3", "source": str(study["base"])},
+        "models": {"tiny": {"family": "sd3", "source": str(study["tiny_t5"])},
                    "tiny_recon": {"family": "sd3", "source": "results/sd3_recon/checkpoints/tiny/gamma-0.5__target-1__seed-0"}},
         "datasets": {"toy": {"kind": "list", "path": str(study["index"])}},  # an existing path; the index is built below
         "probes": {"sd3_recon_train": {"models": ["tiny"], "dataset": "toy", "gammas": [0.0, 0.5], "targets": [1],
-                                       "seeds": [0], "steps": 3, "max_sequence_length": 4}},
+                                       "seeds": [0], "steps": 3, "max_sequence_length": 8}},
     }
     validate_config(cfg)
     plan = Plan(cfg, tmp_path)
@@ -228,6 +233,23 @@ def test_probe_shard_checkpoint_merge_plot_and_plan(study, tmp_path, monkeypatch
     np.testing.assert_allclose(on["total"], on["denoise"] + 0.5 * on["recon"], rtol=1e-6)
     assert (df[df["gamma"] == 0.0]["recon"] == 0).all() and (on["recon"] > 0).all()
     assert not df[df["gamma"] == 0.0]["recon_computed"].any() and on["recon_computed"].all()
+    # with T5 the valid targets include T5 positions: every step's count is a sum of two captions' counts,
+    # each counted here straight from the tokenizers (CLIP: either tokenizer's mask; T5: its own, 8 positions)
+    from itertools import combinations_with_replacement
+
+    from layerscope.data import read_index
+    from layerscope.training import load_pipeline
+
+    pipe = load_pipeline({"kind": "path", "path": str(study["tiny_t5"])}, torch.device("cpu"))
+    assert pipe.text_encoder_3 is not None
+    caps = [r.caption for r in read_index(study["index"])]
+    per = []
+    for c in caps:
+        clip = max(int(t(c, max_length=77, truncation=True).attention_mask.__len__()) for t in (pipe.tokenizer, pipe.tokenizer_2))
+        t5 = int(sum(pipe.tokenizer_3(c, max_length=8, truncation=True).attention_mask))
+        per.append(clip + t5)
+    sums = {a + b for a, b in combinations_with_replacement(per, 2)}
+    assert set(on["n_valid_tokens"]) <= sums and (on["n_valid_tokens"] > max(per)).all()
     plot_from_tables("sd3_recon_train", ["results/sd3_recon_train/tables/tiny"], "results/sd3_recon_train/figures", "test")
     assert Path("results/sd3_recon_train/figures/loss_curves.png").stat().st_size > 10_000
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from layerscope.models import ModelLoadError, source_of
+from layerscope.models import ModelLoadError
 from layerscope.models.sd3_light import LOSS_TYPES, LightSD3Pipeline, ReconConfigError, compute_losses, final_hook_name, target_hook_name
 
 if TYPE_CHECKING:
@@ -114,55 +114,36 @@ class TrainResult:
 
 
 def load_pipeline(model_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype = torch.float32) -> "StableDiffusion3Pipeline":
-    """A ``StableDiffusion3Pipeline`` from the model's directory or hub id; components recorded as
-    absent in ``model_index.json`` (e.g. no T5) are passed as None; a peft LoRA in ``model_cfg['lora']``
-    is merged into the transformer (training starts from the adapted weights)."""
-    from diffusers import StableDiffusion3Pipeline
+    """The model's ``StableDiffusion3Pipeline`` through the sd3 family's ``load`` (the same loader the
+    text-gradient probe uses, so a checkpoint trains and probes identically).  A model-level LoRA is
+    merged by that loader; its wrapper layers are then replaced by their (merged) base layers, so the
+    transformer is a plain diffusers module again: training starts from the adapted weights and a
+    saved checkpoint has the plain key layout."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    src = source_of(model_cfg)
-    absent: dict[str, None] = {}
-    index = Path(src) / "model_index.json"
-    if index.is_file():
-        absent = {k: None for k, v in json.loads(index.read_text()).items()
-                  if isinstance(v, list) and (len(v) < 2 or v[0] is None or v[1] is None)}
-    try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(src, dtype=dtype, **absent)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load an SD3 pipeline from {src}: {str(e).splitlines()[0]}") from None
-    if model_cfg.get("lora"):
-        from peft import PeftModel
+    from layerscope.models import family_module
 
-        lora = Path(model_cfg["lora"])
-        if not (lora / "adapter_config.json").is_file():
-            raise ModelLoadError(f"models.*.lora: {lora} has no adapter_config.json (expected a peft adapter directory)")
-        try:
-            pipe.transformer = PeftModel.from_pretrained(pipe.transformer, str(lora)).merge_and_unload()
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise ModelLoadError(f"cannot apply LoRA adapter {lora}: {str(e).splitlines()[0]}") from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    family = str(model_cfg.get("family", "sd3"))
+    if family != "sd3":
+        raise ModelLoadError(f"models.{model_cfg.get('name', '?')}.family: sd3_recon_train fine-tunes SD3 pipelines, got {family!r}")
+    pipe = family_module("sd3").load(model_cfg, device, dtype)
+    tr = pipe.transformer
+    for name, mod in list(tr.named_modules()):
+        if isinstance(mod, BaseTunerLayer):
+            if not mod.merged:
+                raise ModelLoadError(f"LoRA layer {name} was not merged by the loader")
+            parent, _, leaf = name.rpartition(".")
+            setattr(tr.get_submodule(parent) if parent else tr, leaf, mod.get_base_layer())
+    return pipe
 
 
 def text_token_mask(pipe: "StableDiffusion3Pipeline", captions: Sequence[str], max_sequence_length: int) -> torch.Tensor:
-    """bool [N, 77 + max_sequence_length]: which joint text positions hold a real token.
+    """bool [N, 77 + max_sequence_length]: which joint text positions hold a real token (the sd3
+    family's definition: CLIP positions real for either CLIP tokenizer, then the T5 attention mask,
+    all padding without T5)."""
+    from layerscope.models.sd3 import text_token_mask as sd3_mask
 
-    The joint sequence is CLIP (77 positions; both CLIP encoders share positions, so a position is
-    real if either tokenizer put a token there) followed by T5 (``max_sequence_length``; all padding
-    when the pipeline has no T5, whose embeddings are then zeros)."""
-    caps = list(captions)
-    clip_len = pipe.tokenizer_max_length
-    masks = []
-    for tok in (pipe.tokenizer, pipe.tokenizer_2):
-        enc = tok(caps, padding="max_length", max_length=clip_len, truncation=True, return_tensors="pt")
-        masks.append(enc.attention_mask.bool())
-    clip_mask = masks[0] | masks[1]
-    if pipe.tokenizer_3 is not None and pipe.text_encoder_3 is not None:
-        enc = pipe.tokenizer_3(caps, padding="max_length", max_length=max_sequence_length, truncation=True,
-                               add_special_tokens=True, return_tensors="pt")
-        t5_mask = enc.attention_mask.bool()
-    else:
-        t5_mask = torch.zeros(len(caps), max_sequence_length, dtype=torch.bool)
-    return torch.cat([clip_mask, t5_mask], dim=1)
+    return sd3_mask(pipe, list(captions), max_sequence_length)
 
 
 @torch.no_grad()
