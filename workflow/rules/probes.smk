@@ -35,7 +35,8 @@ for _probe, _impl in PLAN.probes.items():
         input:
             spec=f"results/{_probe}/specs/{{model}}.json",
         output:
-            f"results/{_probe}/shards/{{model}}/{{shard}}.h5",
+            shard=f"results/{_probe}/shards/{{model}}/{{shard}}.h5",
+            **extra_outputs(_probe, _impl),
         log:
             f"results/logs/{_probe}/shards/{{model}}/{{shard}}.log",
         threads: PLAN.threads(_probe)
@@ -45,7 +46,7 @@ for _probe, _impl in PLAN.probes.items():
             ENV
         shell:
             LAYERSCOPE + " run-shard --spec @{input.spec} --shard {wildcards.shard} --threads {threads}"
-            " --out {output} > {log} 2>&1"
+            " --out {output.shard} > {log} 2>&1"
 
     rule:
         name:
