@@ -73,6 +73,16 @@ class ChannelAccumulator:
         parts = summarize(x, sample_ids, token_ids, self.k)
         self.stats[key] = tuple(a.merge(b) for a, b in zip(self.stats[key], parts))  # type: ignore[assignment]
 
+    def _final(self, norm: Any, x: Any, z: Any) -> Any:
+        """The model's final norm of x; when it is a LayerNorm with our eps, it is w * LN(x) + b,
+        one elementwise pass on the already normalised z instead of a second normalisation."""
+        import torch
+
+        if isinstance(norm, torch.nn.LayerNorm) and norm.eps == self.eps and norm.elementwise_affine:
+            w = norm.weight.to(z.dtype)
+            return torch.addcmul(norm.bias.to(z.dtype), z, w) if norm.bias is not None else z * w
+        return norm(x)
+
     def update(self, hidden_states: Any, image_ids: Any) -> None:
         import numpy as np
         import torch.nn.functional as F
@@ -85,10 +95,11 @@ class ChannelAccumulator:
         for i in self.layers:
             x = hidden_states[i + 1]
             cls_x, patch_x = x[:, 0], x[:, 1 + R:].reshape(-1, C)
+            cls_z, patch_z = F.layer_norm(cls_x, (C,), eps=self.eps), F.layer_norm(patch_x, (C,), eps=self.eps)
             reps = {
                 "pre": (cls_x, patch_x),
-                "per_layer_ln": (F.layer_norm(cls_x, (C,), eps=self.eps), F.layer_norm(patch_x, (C,), eps=self.eps)),
-                "global_ln": (self.cls_norm(cls_x), self.patch_norm(patch_x)),
+                "per_layer_ln": (cls_z, patch_z),
+                "global_ln": (self._final(self.cls_norm, cls_x, cls_z), self._final(self.patch_norm, patch_x, patch_z)),
             }
             for rep, (c, p) in reps.items():
                 h = hook_name(i, rep)
