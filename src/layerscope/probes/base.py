@@ -68,6 +68,20 @@ class ShardSpec:
         return (i * n_items) // n, ((i + 1) * n_items) // n
 
 
+    def records(self) -> list:
+        """This shard's share of its dataset: the index, cut to ``max_images`` (0: all), then the
+        shard's contiguous slice. Every probe slices the same way, so slices of any count cover
+        the data exactly once."""
+        from layerscope.data import read_index
+
+        ds = next(iter(self.datasets.values()))
+        recs = read_index(ds["index"])
+        if self.probe_cfg.get("max_images", 0):
+            recs = recs[: int(self.probe_cfg["max_images"])]
+        lo, hi = self.slice_bounds(len(recs))
+        return recs[lo:hi]
+
+
 def parse_slice(label: str) -> tuple[int, int]:
     m = re.fullmatch(r"(\d+)of(\d+)", label)
     if not m or int(m.group(1)) >= int(m.group(2)):

@@ -119,18 +119,13 @@ class DinoV3Channels(Probe):
         import numpy as np
         import torch
 
-        from layerscope.data import load_image, read_index
+        from layerscope.data import load_image
         from layerscope.models import resolve_device, resolve_dtype
         from layerscope.models.dinov3 import final_norms, load, preprocess
         from layerscope.plan import ConfigError
 
         cfg = spec.probe_cfg
-        ds = next(iter(spec.datasets.values()))
-        records = read_index(ds["index"])
-        if cfg.get("max_images", 0):
-            records = records[: cfg["max_images"]]
-        lo, hi = spec.slice_bounds(len(records))
-        records = records[lo:hi]
+        records = spec.records()
 
         device = resolve_device(spec.device)
         dtype = resolve_dtype(spec.model_cfg.get("dtype", "fp32"), device)

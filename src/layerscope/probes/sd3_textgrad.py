@@ -190,7 +190,7 @@ class SD3TextGrad(Probe):
         import torch
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        from layerscope.data import load_image, read_index
+        from layerscope.data import load_image
         from layerscope.models import resolve_device, resolve_dtype
         from layerscope.models.sd3 import load, text_token_mask
         from layerscope.plan import ConfigError
@@ -198,12 +198,7 @@ class SD3TextGrad(Probe):
         log = logging.getLogger("layerscope.sd3_textgrad")
         cfg = spec.probe_cfg
         field = f"probes.{self.name}"
-        ds = next(iter(spec.datasets.values()))
-        records = read_index(ds["index"])
-        if cfg.get("max_images", 0):
-            records = records[: cfg["max_images"]]
-        lo, hi = spec.slice_bounds(len(records))
-        records = records[lo:hi]
+        records = spec.records()
 
         device = resolve_device(spec.device)
         dtype_name = spec.model_cfg.get("dtype", "fp32")
