@@ -1,0 +1,233 @@
+"""The cluster path for real: Snakemake + snakemake-executor-plugin-slurm against a live SLURM
+(slurmctld, slurmd, slurmdbd on MariaDB; tests/slurm/cluster.sh) with the repo's profiles/slurm.
+
+The small workflow in tests/slurm/Snakefile (two "GPU" shards and a merge) proves the machinery:
+every job is its own SLURM job with its GPU request, retries ask for more memory, a failed or
+scancel'ed job is reported with its SLURM state and leaves no output, and the documented reruns
+submit exactly the missing jobs. The end-to-end test runs the real default study (reduced) under
+SLURM and compares every merged table with a local run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest_slurm import REPO, output_of, run_id, run_slurm, slurm_cluster, slurm_env  # noqa: F401
+
+MINI = REPO / "tests" / "slurm" / "Snakefile"
+SHARD_COMMENT = "rule_gpu_shard_wildcards_{}"
+MERGE_COMMENT = "rule_merge"
+
+
+def by_comment(rows: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
+    out: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        out.setdefault(r["Comment"], []).append(r)
+    return out
+
+
+def tres(field: str) -> dict[str, str]:
+    return dict(kv.split("=", 1) for kv in field.split(",") if "=" in kv)
+
+
+def shard_lines(wd: Path) -> dict[str, dict[str, str]]:
+    """merged.txt: per shard, what the job saw (SLURM job ID, CUDA_VISIBLE_DEVICES)."""
+    out = {}
+    for line in (wd / "results/merged.txt").read_text().splitlines():
+        if line.startswith("shard="):
+            kv = dict(x.split("=", 1) for x in line.split())
+            out[kv["shard"]] = kv
+    return out
+
+
+@pytest.mark.slurm
+def test_each_job_is_a_slurm_job_with_gpu_request_and_retry_doubles_memory(slurm_cluster, tmp_path):
+    once = tmp_path / "once"
+    once.mkdir()
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    r = run_slurm(wd, snakefile=MINI, env={"LAYERSCOPE_TEST_FAIL_ONCE": str(once)})
+    assert r.returncode == 0, output_of(r)
+    jobs = by_comment(slurm_cluster.sacct(run_id(r)))
+    assert set(jobs) == {SHARD_COMMENT.format("a"), SHARD_COMMENT.format("b"), MERGE_COMMENT}, jobs
+    seen = shard_lines(wd)
+    for s in "ab":
+        attempts = sorted(jobs[SHARD_COMMENT.format(s)], key=lambda j: int(j["JobID"]))
+        # the profile's retries: 1 resubmits the failed first attempt with attempt=2: twice the memory
+        assert [j["State"] for j in attempts] == ["FAILED", "COMPLETED"], attempts
+        assert [tres(j["ReqTRES"])["mem"] for j in attempts] == ["2000M", "4000M"]
+        for j in attempts:
+            assert tres(j["ReqTRES"])["gres/gpu"] == "1" and tres(j["AllocTRES"])["gres/gpu"] == "1", j
+        # the output was written inside that very SLURM job, which saw its GPU
+        assert seen[s]["slurm_job"] == attempts[-1]["JobID"]
+        assert seen[s]["gpus"] in {"0", "1"}
+    (merge,) = jobs[MERGE_COMMENT]
+    assert merge["State"] == "COMPLETED" and "gres/gpu" not in tres(merge["ReqTRES"])
+    assert tres(merge["ReqTRES"])["mem"] == "2000M"
+    # SLURM's own logs: in the profile's folder, kept for the failed attempts only
+    logs = sorted(p.relative_to(wd).as_posix() for p in (wd / "results/logs/slurm").rglob("*.log"))
+    failed_ids = [jobs[SHARD_COMMENT.format(s)][0]["JobID"] for s in "ab"]
+    assert logs == sorted(f"results/logs/slurm/rule_gpu_shard/{s}/{i}.log" for s, i in zip("ab", failed_ids))
+
+
+@pytest.mark.slurm
+def test_failed_shard_reported_with_slurm_state_then_single_shard_rerun(slurm_cluster, tmp_path):
+    r = run_slurm(tmp_path, "--retries", "0", snakefile=MINI, env={"LAYERSCOPE_TEST_FAIL": "a"})
+    assert r.returncode != 0, output_of(r)
+    jobs = by_comment(slurm_cluster.sacct(run_id(r)))
+    (failed,) = jobs[SHARD_COMMENT.format("a")]
+    assert failed["State"] == "FAILED" and failed["ExitCode"] == "1:0"
+    assert f"SLURM-job '{failed['JobID']}' failed, SLURM status is: 'FAILED'" in r.stdout + r.stderr
+    assert MERGE_COMMENT not in jobs
+    assert not (tmp_path / "results/shards/a.txt").exists()  # its partial output was removed
+    assert not (tmp_path / "results/merged.txt").exists()
+    assert "injected failure in shard a" in (tmp_path / "results/logs/shards/a.log").read_text()
+    b = tmp_path / "results/shards/b.txt"
+    b_mtime = b.stat().st_mtime_ns
+
+    # the README's rerun of one shard: exactly that job, through SLURM
+    r = run_slurm(tmp_path, "results/shards/a.txt", snakefile=MINI)
+    assert r.returncode == 0, output_of(r)
+    jobs = slurm_cluster.sacct(run_id(r))
+    assert [(j["Comment"], j["State"]) for j in jobs] == [(SHARD_COMMENT.format("a"), "COMPLETED")]
+    assert not (tmp_path / "results/merged.txt").exists()
+    # then the whole study again: only what depends on it
+    r = run_slurm(tmp_path, snakefile=MINI)
+    assert r.returncode == 0, output_of(r)
+    assert [(j["Comment"], j["State"]) for j in slurm_cluster.sacct(run_id(r))] == [(MERGE_COMMENT, "COMPLETED")]
+    assert b.stat().st_mtime_ns == b_mtime
+    assert set(shard_lines(tmp_path)) == {"a", "b"}
+
+
+@pytest.mark.slurm
+def test_scancel_mid_run_is_reported_and_rerun_recovers(slurm_cluster, tmp_path):
+    exe = Path(sys.executable).with_name("snakemake")
+    cmd = [str(exe), "--profile", str(REPO / "profiles/slurm"), "-s", str(MINI), "--retries", "0",
+           "--slurm-init-seconds-before-status-checks", "8"]
+    partial = tmp_path / "results/shards/a.txt"
+    with open(tmp_path / "run.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                env=slurm_env({"LAYERSCOPE_TEST_HOLD": "a"}))
+        try:
+            job = None
+            deadline = time.monotonic() + 120
+            while job is None and time.monotonic() < deadline:  # the shard is running its shell command
+                running = [j for j in slurm_cluster.squeue()
+                           if j["Comment"] == SHARD_COMMENT.format("a") and j["State"] == "RUNNING"]
+                if running and partial.exists():
+                    job = running[0]["JobID"]
+                else:
+                    time.sleep(0.5)
+            assert job is not None, (tmp_path / "run.log").read_text()[-3000:]
+            subprocess.run(["scancel", job], check=True)
+            rc = proc.wait(timeout=180)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=60)
+    out = (tmp_path / "run.log").read_text()
+    assert rc != 0, out[-3000:]
+    assert f"SLURM-job '{job}' failed, SLURM status is: 'CANCELLED'" in out, out[-3000:]
+    assert not partial.exists()
+    assert not (tmp_path / "results/merged.txt").exists()
+    # a plain rerun submits exactly the cancelled shard and what depends on it
+    r = run_slurm(tmp_path, snakefile=MINI)
+    assert r.returncode == 0, output_of(r)
+    jobs = slurm_cluster.sacct(run_id(r))
+    assert sorted(j["Comment"] for j in jobs) == sorted([SHARD_COMMENT.format("a"), MERGE_COMMENT])
+    assert all(j["State"] == "COMPLETED" for j in jobs)
+
+
+def test_profile_name_resolves_after_install(tmp_path):
+    """`snakemake --profile slurm` from the repo root finds profiles/slurm once the set-up step ran."""
+    env = slurm_env({"XDG_CONFIG_HOME": str(tmp_path / "xdg")})
+    r = subprocess.run(["bash", str(REPO / "workflow/scripts/install_profiles.sh")], capture_output=True,
+                       text=True, env=env, check=True)
+    link = tmp_path / "xdg/snakemake/slurm"
+    assert link.resolve() == (REPO / "profiles/slurm").resolve(), r.stdout + r.stderr
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    exe = Path(sys.executable).with_name("snakemake")
+    r = subprocess.run([str(exe), "--profile", "slurm", "-n", "-d", str(wd), "--configfile", str(REPO / "config.yaml")],
+                       cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, output_of(r)
+    out = r.stdout + r.stderr
+    assert f"Using profile {link} for setting default command line arguments" in out
+    assert "Job stats:" in out
+    # running it again re-points the link; an unrelated profile of that name is left alone
+    link.unlink()
+    link.mkdir()
+    r = subprocess.run(["bash", str(REPO / "workflow/scripts/install_profiles.sh")], capture_output=True,
+                       text=True, env=env, check=True)
+    assert link.is_dir() and not link.is_symlink() and "left alone" in r.stderr
+
+
+# ---- the real study -----------------------------------------------------------------------------
+
+# Per-probe reductions of config.yaml for the end-to-end run (keys each probe's schema defines).
+REDUCE = {
+    "dinov3_channels": {"max_images": 4, "batch_size": 2},
+    "sdxl_ablation": {"seeds": [0], "groups": lambda g: g[:1] if isinstance(g, list) else g},
+}
+
+
+def reduced_study(path: Path) -> Path:
+    """The default study (config.yaml), smaller: CPU, small resources, fewer images/seeds."""
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg["runtime"] = {**cfg.get("runtime", {}), "device": "cpu", "threads": 1}
+    keep = os.environ.get("LAYERSCOPE_SLURM_E2E_PROBES")
+    if keep:
+        cfg["probes"] = {k: v for k, v in cfg["probes"].items() if k in keep.split(",")}
+    for name, probe in cfg["probes"].items():
+        for key, val in REDUCE.get(name, {}).items():
+            if key in probe or not callable(val):
+                probe[key] = val(probe[key]) if callable(val) else val
+        probe["resources"] = {**probe.get("resources", {}), "mem_mb": 2000, "runtime": 10}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slurm
+def test_default_study_under_slurm_matches_local_run(slurm_cluster, tmp_path):
+    cfg = reduced_study(tmp_path / "study.yaml")
+    local, cluster = tmp_path / "local", tmp_path / "cluster"
+    local.mkdir()
+    cluster.mkdir()
+    exe = Path(sys.executable).with_name("snakemake")
+    # the local run shares the 2 cores with the SLURM jobs; the SLURM run mostly waits on sacct
+    with open(tmp_path / "local.log", "w") as log:
+        proc = subprocess.Popen([str(exe), "-s", str(REPO / "Snakefile"), "--profile", str(REPO / "profiles/local"),
+                                 "--configfile", str(cfg)], cwd=local, stdout=log, stderr=subprocess.STDOUT,
+                                env=slurm_env())
+        r = run_slurm(cluster, "-s", str(REPO / "Snakefile"), "--configfile", str(cfg), timeout=420)
+        rc_local = proc.wait(timeout=420)
+    assert r.returncode == 0, output_of(r)
+    assert rc_local == 0, (tmp_path / "local.log").read_text()[-3000:]
+
+    jobs = slurm_cluster.sacct(run_id(r))
+    assert all(j["State"] == "COMPLETED" for j in jobs), jobs
+    rules = [j["Comment"].removeprefix("rule_").split("_wildcards_")[0] for j in jobs]
+    study = yaml.safe_load(cfg.read_text())
+    for probe in study["probes"]:
+        shards = [j for j, rule in zip(jobs, rules) if rule == f"{probe}_shard"]
+        assert shards, f"no SLURM job ran {probe}_shard: {rules}"
+        for j in shards:  # each shard rule asks for a GPU (the plugin's `gpu` resource -> --gpus)
+            assert tres(j["ReqTRES"]).get("gres/gpu") == "1" and tres(j["AllocTRES"]).get("gres/gpu") == "1", j
+        assert rules.count(f"{probe}_merge") == 1 and rules.count(f"{probe}_figures") == 1, rules
+    assert all("gres/gpu" not in tres(j["ReqTRES"]) for j, rule in zip(jobs, rules) if not rule.endswith("_shard"))
+
+    tables = sorted(p.relative_to(local) for p in local.glob("results/*/tables/*/*.csv"))
+    assert {p.parts[1] for p in tables} == set(study["probes"]), tables
+    assert tables == sorted(p.relative_to(cluster) for p in cluster.glob("results/*/tables/*/*.csv"))
+    for t in tables:
+        pd.testing.assert_frame_equal(pd.read_csv(local / t), pd.read_csv(cluster / t), check_exact=False, rtol=1e-9)
+    figures = sorted(p.relative_to(cluster) for p in cluster.glob("results/*/figures/*.png"))
+    assert figures and figures == sorted(p.relative_to(local) for p in local.glob("results/*/figures/*.png"))
