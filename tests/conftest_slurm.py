@@ -24,9 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SH = REPO / "tests" / "slurm" / "cluster.sh"
 PROFILE = REPO / "profiles" / "slurm"
 # The plugin polls sacct this long after a submission or a finished job (then 10 s more per
-# quiet check). A job here takes ~4-6 s (the in-job Snakemake start), so 8 s catches most at the
+# quiet check). A job here takes ~4-6 s (the in-job Snakemake start), so 6 s catches most at the
 # first check; the profile's own value (suited to real clusters) is overridden only in tests.
-STATUS_CHECK_SECONDS = 8
+STATUS_CHECK_SECONDS = 6
 SACCT_FIELDS = ("JobID", "JobName", "Comment", "State", "ExitCode", "ReqTRES", "AllocTRES")
 
 

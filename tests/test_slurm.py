@@ -20,7 +20,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest_slurm import REPO, output_of, run_id, run_slurm, slurm_cluster, slurm_env  # noqa: F401
+from conftest_slurm import (  # noqa: F401  (slurm_cluster: the fixture)
+    REPO, STATUS_CHECK_SECONDS, output_of, run_id, run_slurm, slurm_cluster, slurm_env)
 
 MINI = REPO / "tests" / "slurm" / "Snakefile"
 SHARD_COMMENT = "rule_gpu_shard_wildcards_{}"
@@ -78,91 +79,95 @@ def test_each_job_is_a_slurm_job_with_gpu_request_and_retry_doubles_memory(slurm
     assert logs == sorted(f"results/logs/slurm/rule_gpu_shard/{s}/{i}.log" for s, i in zip("ab", failed_ids))
 
 
+def start_slurm(workdir: Path, *args: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("snakemake")
+    cmd = [str(exe), "--profile", str(REPO / "profiles/slurm"), "-s", str(MINI),
+           "--slurm-init-seconds-before-status-checks", str(STATUS_CHECK_SECONDS), *args]
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, cwd=workdir, stdout=f, stderr=subprocess.STDOUT, env=slurm_env(env))
+
+
 @pytest.mark.slurm
-def test_failed_shard_reported_with_slurm_state_then_single_shard_rerun(slurm_cluster, tmp_path):
-    r = run_slurm(tmp_path, "--retries", "0", snakefile=MINI, env={"LAYERSCOPE_TEST_FAIL": "a"})
-    assert r.returncode != 0, output_of(r)
-    jobs = by_comment(slurm_cluster.sacct(run_id(r)))
+def test_failed_and_cancelled_shards_are_reported_and_reruns_submit_only_them(slurm_cluster, tmp_path):
+    """Shard a fails (exit 1), shard b is scancel'ed while its command runs; both had written part
+    of their output. Then the README's reruns: one shard alone, then the rest of the study."""
+    log = tmp_path / "run.log"
+    partial = tmp_path / "results/shards/b.txt"
+    proc = start_slurm(tmp_path, "--retries", "0", env={"LAYERSCOPE_TEST_FAIL": "a", "LAYERSCOPE_TEST_HOLD": "b"},
+                       log=log)
+    try:
+        held = None
+        deadline = time.monotonic() + 120
+        while held is None and time.monotonic() < deadline:  # b is running its shell command
+            running = [j for j in slurm_cluster.squeue()
+                       if j["Comment"] == SHARD_COMMENT.format("b") and j["State"] == "RUNNING"]
+            if running and partial.exists():
+                held = running[0]["JobID"]
+            else:
+                time.sleep(0.3)
+        assert held is not None, log.read_text()[-3000:]
+        subprocess.run(["scancel", held], check=True)
+        rc = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:  # never leave a Snakemake (or its jobs) behind
+            proc.terminate()
+            proc.wait(timeout=60)
+    out = log.read_text()
+    assert rc != 0, out[-3000:]
+    jobs = by_comment(slurm_cluster.sacct(run_id(subprocess.CompletedProcess([], rc, out, ""))))
     (failed,) = jobs[SHARD_COMMENT.format("a")]
-    assert failed["State"] == "FAILED" and failed["ExitCode"] == "1:0"
-    assert f"SLURM-job '{failed['JobID']}' failed, SLURM status is: 'FAILED'" in r.stdout + r.stderr
+    (cancelled,) = jobs[SHARD_COMMENT.format("b")]
+    assert failed["State"] == "FAILED" and failed["ExitCode"] == "1:0", failed
+    assert cancelled["JobID"] == held and cancelled["State"].startswith("CANCELLED"), cancelled
+    assert f"SLURM-job '{failed['JobID']}' failed, SLURM status is: 'FAILED'" in out
+    assert f"SLURM-job '{held}' failed, SLURM status is: 'CANCELLED'" in out
     assert MERGE_COMMENT not in jobs
-    assert not (tmp_path / "results/shards/a.txt").exists()  # its partial output was removed
+    for s in "ab":  # the partial outputs were removed
+        assert not (tmp_path / f"results/shards/{s}.txt").exists()
     assert not (tmp_path / "results/merged.txt").exists()
     assert "injected failure in shard a" in (tmp_path / "results/logs/shards/a.log").read_text()
-    b = tmp_path / "results/shards/b.txt"
-    b_mtime = b.stat().st_mtime_ns
 
-    # the README's rerun of one shard: exactly that job, through SLURM
+    # rerun one shard: exactly that job, through SLURM
     r = run_slurm(tmp_path, "results/shards/a.txt", snakefile=MINI)
     assert r.returncode == 0, output_of(r)
     jobs = slurm_cluster.sacct(run_id(r))
     assert [(j["Comment"], j["State"]) for j in jobs] == [(SHARD_COMMENT.format("a"), "COMPLETED")]
     assert not (tmp_path / "results/merged.txt").exists()
-    # then the whole study again: only what depends on it
-    r = run_slurm(tmp_path, snakefile=MINI)
-    assert r.returncode == 0, output_of(r)
-    assert [(j["Comment"], j["State"]) for j in slurm_cluster.sacct(run_id(r))] == [(MERGE_COMMENT, "COMPLETED")]
-    assert b.stat().st_mtime_ns == b_mtime
-    assert set(shard_lines(tmp_path)) == {"a", "b"}
-
-
-@pytest.mark.slurm
-def test_scancel_mid_run_is_reported_and_rerun_recovers(slurm_cluster, tmp_path):
-    exe = Path(sys.executable).with_name("snakemake")
-    cmd = [str(exe), "--profile", str(REPO / "profiles/slurm"), "-s", str(MINI), "--retries", "0",
-           "--slurm-init-seconds-before-status-checks", "8"]
-    partial = tmp_path / "results/shards/a.txt"
-    with open(tmp_path / "run.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                                env=slurm_env({"LAYERSCOPE_TEST_HOLD": "a"}))
-        try:
-            job = None
-            deadline = time.monotonic() + 120
-            while job is None and time.monotonic() < deadline:  # the shard is running its shell command
-                running = [j for j in slurm_cluster.squeue()
-                           if j["Comment"] == SHARD_COMMENT.format("a") and j["State"] == "RUNNING"]
-                if running and partial.exists():
-                    job = running[0]["JobID"]
-                else:
-                    time.sleep(0.5)
-            assert job is not None, (tmp_path / "run.log").read_text()[-3000:]
-            subprocess.run(["scancel", job], check=True)
-            rc = proc.wait(timeout=180)
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(timeout=60)
-    out = (tmp_path / "run.log").read_text()
-    assert rc != 0, out[-3000:]
-    assert f"SLURM-job '{job}' failed, SLURM status is: 'CANCELLED'" in out, out[-3000:]
-    assert not partial.exists()
-    assert not (tmp_path / "results/merged.txt").exists()
-    # a plain rerun submits exactly the cancelled shard and what depends on it
+    a_mtime = (tmp_path / "results/shards/a.txt").stat().st_mtime_ns
+    # then the study again: only the missing shard and what depends on it
     r = run_slurm(tmp_path, snakefile=MINI)
     assert r.returncode == 0, output_of(r)
     jobs = slurm_cluster.sacct(run_id(r))
-    assert sorted(j["Comment"] for j in jobs) == sorted([SHARD_COMMENT.format("a"), MERGE_COMMENT])
-    assert all(j["State"] == "COMPLETED" for j in jobs)
+    assert sorted((j["Comment"], j["State"]) for j in jobs) == sorted([
+        (MERGE_COMMENT, "COMPLETED"), (SHARD_COMMENT.format("b"), "COMPLETED")])
+    assert (tmp_path / "results/shards/a.txt").stat().st_mtime_ns == a_mtime
+    assert set(shard_lines(tmp_path)) == {"a", "b"}
 
 
 def test_profile_name_resolves_after_install(tmp_path):
     """`snakemake --profile slurm` from the repo root finds profiles/slurm once the set-up step ran."""
     env = slurm_env({"XDG_CONFIG_HOME": str(tmp_path / "xdg")})
-    r = subprocess.run(["bash", str(REPO / "workflow/scripts/install_profiles.sh")], capture_output=True,
-                       text=True, env=env, check=True)
-    link = tmp_path / "xdg/snakemake/slurm"
-    assert link.resolve() == (REPO / "profiles/slurm").resolve(), r.stdout + r.stderr
     wd = tmp_path / "wd"
     wd.mkdir()
     exe = Path(sys.executable).with_name("snakemake")
-    r = subprocess.run([str(exe), "--profile", "slurm", "-n", "-d", str(wd), "--configfile", str(REPO / "config.yaml")],
-                       cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    dry = [str(exe), "--profile", "slurm", "-n", "-d", str(wd), "--configfile", str(REPO / "config.yaml")]
+    r = subprocess.run(dry, cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "profile directory given (slurm), but no profile.yaml" in r.stderr, output_of(r)
+
+    r = subprocess.run(["bash", str(REPO / "workflow/scripts/install_profiles.sh")], capture_output=True,
+                       text=True, env=env, check=True)
+    link = tmp_path / "xdg/snakemake/slurm"
+    assert link.is_symlink() and link.resolve() == (REPO / "profiles/slurm").resolve(), r.stdout + r.stderr
+    assert (tmp_path / "xdg/snakemake/local").resolve() == (REPO / "profiles/local").resolve()
+    r = subprocess.run(dry, cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, output_of(r)
-    out = r.stdout + r.stderr
-    assert f"Using profile {link} for setting default command line arguments" in out
-    assert "Job stats:" in out
-    # running it again re-points the link; an unrelated profile of that name is left alone
+    assert "Using profile slurm for setting default command line arguments" in r.stdout + r.stderr
+    assert "Job stats:" in r.stdout + r.stderr
+
+    # running it again is harmless; an unrelated profile of that name is left alone
+    subprocess.run(["bash", str(REPO / "workflow/scripts/install_profiles.sh")], env=env, check=True,
+                   capture_output=True)
+    assert link.is_symlink()
     link.unlink()
     link.mkdir()
     r = subprocess.run(["bash", str(REPO / "workflow/scripts/install_profiles.sh")], capture_output=True,
