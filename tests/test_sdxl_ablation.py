@@ -296,5 +296,5 @@ def test_explicit_group_missing_from_model_fails_the_shard(workdir, monkeypatch,
     monkeypatch.chdir(workdir)
     plan = Plan(config(groups=["down_blocks.0.attentions.0"]), workdir)  # plans: names are checked, not the model
     with pytest.raises(ValueError, match=r"probes.sdxl_ablation.groups: down_blocks.0.attentions.0 is not"):
-        run_shard(plan, "group-all__prompt-p0__seed-0", tmp_path)
+        run_shard(plan, "group-down_blocks.0.attentions.0__prompt-p0__seed-0", tmp_path)
     assert not list(tmp_path.rglob("*.h5"))

@@ -122,3 +122,32 @@ def test_topk_merge_is_exact_and_order_free(data):
         # positions point at the values
         for v, c, s, t in zip(acc.value, acc.channel, acc.sample, acc.token):
             assert abs(data[s * 10 + t, c]) == v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_fused_summary_equals_separate_statistics(dtype):
+    from layerscope.stats import summarize
+
+    rng = np.random.default_rng(5)
+    x = torch.tensor(rng.standard_t(df=2, size=(300, 40)) * 3, dtype=dtype)
+    x[7, 3] = 0.0
+    x[8, 4] = 1e-9  # underflow bin
+    x[9, 5] = 2.0**30  # overflow bin (finite)
+    sid, tok = np.arange(300) // 6, np.arange(300) % 6
+    mom, hist, tk = summarize(x, sid, tok, 8)
+    xf = x if dtype in (torch.float32, torch.float64) else x.float()
+    ref_h = MagnitudeHistogram.from_numpy(xf.double().numpy())
+    np.testing.assert_array_equal(hist.counts, ref_h.counts)
+    ref_t = TopK.from_numpy(xf.double().numpy(), sid, tok, 8)
+    np.testing.assert_array_equal(tk.value, ref_t.value)
+    np.testing.assert_array_equal(tk.channel, ref_t.channel)
+    np.testing.assert_array_equal(tk.sample, ref_t.sample)
+    ref_m = Moments.from_numpy(xf.double().numpy())
+    np.testing.assert_array_equal(mom.count, ref_m.count)
+    np.testing.assert_array_equal(mom.max_abs, ref_m.max_abs)
+    np.testing.assert_allclose(mom.mean, ref_m.mean, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(mom.std, ref_m.std, rtol=1e-5)
+    # with a NaN it falls back to the masked path and counts it
+    x[0, 0] = float("nan")
+    mom, hist, _ = summarize(x, sid, tok, 8)
+    assert mom.nonfinite[0] == 1 and mom.nonfinite.sum() == 1 and hist.total == x.numel() - 1

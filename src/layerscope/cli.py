@@ -56,9 +56,17 @@ def cmd_run_shard(args: argparse.Namespace) -> None:
     from layerscope.probes import get_probe
     from layerscope.probes.base import ShardSpec
 
-    spec = ShardSpec.from_json_dict(_load_spec(args.spec))
+    d = _load_spec(args.spec)
+    if args.shard:  # a (probe, model) base spec plus this shard's label (its file name)
+        from layerscope.plan import parse_shard_label
+
+        try:
+            d["axes"] = parse_shard_label(args.shard, get_probe(d["probe"]).axes)
+        except ValueError as e:
+            raise ConfigError(f"--shard: {e}") from None
     if args.threads:
-        spec = ShardSpec.from_json_dict({**spec.to_json_dict(), "threads": args.threads})
+        d["threads"] = args.threads
+    spec = ShardSpec.from_json_dict(d)
     set_threads(spec.threads)
     probe = get_probe(spec.probe)
     digests = {name: index_digest(d["index"]) for name, d in spec.datasets.items() if d.get("index")}
@@ -73,6 +81,16 @@ def cmd_run_shard(args: argparse.Namespace) -> None:
         _inject_fault(out)
         w.set_attr("seconds", time.perf_counter() - t0)
     log.info("wrote %s in %.1f s", out, time.perf_counter() - t0)
+
+
+def cmd_write_spec(args: argparse.Namespace) -> None:
+    from layerscope.h5io import atomic_path
+    from layerscope.probes.base import ShardSpec
+
+    d = _load_spec(args.spec)
+    ShardSpec.from_json_dict(d)  # refuse a malformed spec here, not in every shard
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps(d, indent=1, sort_keys=True) + "\n")
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -130,9 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run-shard", help="compute one shard")
     s.add_argument("--spec", required=True, help="shard spec as JSON text or @file")
+    s.add_argument("--shard", default=None, help="shard label (axis-value__...): completes a base spec")
     s.add_argument("--out", required=True)
     s.add_argument("--threads", type=int, default=0)
     s.set_defaults(func=cmd_run_shard)
+
+    s = sub.add_parser("write-spec", help="write a (probe, model) base spec file")
+    s.add_argument("--spec", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_write_spec)
 
     s = sub.add_parser("merge", help="merge one (probe, model)'s shards into tables")
     s.add_argument("--probe", required=True)

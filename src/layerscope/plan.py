@@ -152,8 +152,9 @@ class Plan:
             out.update(kind="hub", hub_id=src[4:], path=None)
         else:
             out.update(kind="path", path=self._check_path(f"models.{name}.source", src))
-        if mcfg.get("lora"):
-            out["lora"] = self._check_path(f"models.{name}.lora", str(mcfg["lora"]))
+        for key in ("lora", "checkpoint"):  # extra weight files: checked now, shard inputs later
+            if mcfg.get(key):
+                out[key] = self._check_path(f"models.{name}.{key}", str(mcfg[key]))
         return out
 
     def model(self, name: str) -> dict[str, Any]:
@@ -245,24 +246,42 @@ class Plan:
     def threads(self, probe: str) -> int:
         return int(self.config["probes"][probe].get("threads", self.runtime.get("threads", 1)))
 
-    def spec(self, probe: str, model: str, shard: str) -> ShardSpec:
+    def base_spec(self, probe: str, model: str) -> dict[str, Any]:
+        """Everything a (probe, model)'s shards share: the spec without axes.
+
+        Axis lists (seeds, slices, ...) are left out, so adding a seed or a model leaves the base
+        specs - and so the shards - that already exist untouched; a shard's own axis values come
+        from its file name."""
         p = self._probes[probe]
         base = self._base[(probe, model)]
-        return ShardSpec(
-            probe=probe, model=model, axes=parse_shard_label(shard, p.axes),
-            probe_cfg=dict(self.config["probes"][probe]), model_cfg=self._models[model],
-            datasets=base["datasets"], models=base["models"], config_hash=base["config_hash"],
-            threads=self.threads(probe), device=str(self.runtime.get("device", "auto")),
-        )
+        drop = set(p.axis_keys.values()) | {"resources", "threads", "enabled"}
+        return {
+            "probe": probe, "model": model, "axes": {},
+            "probe_cfg": {k: v for k, v in self.config["probes"][probe].items() if k not in drop},
+            "model_cfg": self._models[model], "datasets": base["datasets"], "models": base["models"],
+            "config_hash": base["config_hash"], "threads": self.threads(probe),
+            "device": str(self.runtime.get("device", "auto")),
+        }
+
+    def base_spec_json(self, probe: str, model: str) -> str:
+        return json.dumps(self.base_spec(probe, model), sort_keys=True, separators=(",", ":"))
+
+    def spec(self, probe: str, model: str, shard: str) -> ShardSpec:
+        d = self.base_spec(probe, model)
+        d["axes"] = parse_shard_label(shard, self._probes[probe].axes)
+        return ShardSpec.from_json_dict(d)
 
     def spec_json(self, probe: str, model: str, shard: str) -> str:
         return json.dumps(self.spec(probe, model, shard).to_json_dict(), sort_keys=True, separators=(",", ":"))
 
+    @staticmethod
+    def spec_path(probe: str, model: str) -> str:
+        return f"{RESULTS}/{probe}/specs/{model}.json"
+
     def model_inputs(self, name: str) -> list[str]:
         m = self._models[name]
         out = [m["path"]] if m["kind"] in ("tiny", "path") else []
-        if m.get("lora"):
-            out.append(m["lora"])
+        out += [m[k] for k in ("lora", "checkpoint") if m.get(k)]
         return out
 
     def shard_inputs(self, probe: str, model: str) -> list[str]:

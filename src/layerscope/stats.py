@@ -309,3 +309,65 @@ class TopK:
     @classmethod
     def from_dict(cls, d: Mapping[str, np.ndarray], k: int) -> "TopK":
         return cls(k, *(np.asarray(d[n]) for n in ("topk_value", "topk_channel", "topk_sample", "topk_token")))
+
+
+def _hist_from_bits(x: "torch.Tensor", nonnegative: bool = False) -> np.ndarray:
+    """Histogram of |x| read off the float's bits: exponent + top 3 mantissa bits is exactly
+    'octave, then one of 8 linear sub-bins' - the bins of :class:`MagnitudeHistogram` - so no
+    transcendental is needed. Finite inputs only (Inf/NaN would land in the overflow bin)."""
+    import torch
+
+    if x.dtype == torch.float64:
+        bits = x.view(torch.int64) if nonnegative else x.view(torch.int64) & 0x7FFFFFFFFFFFFFFF
+        code = bits >> 49  # sign cleared: 11-bit exponent (bias 1023) + 3 mantissa bits
+        offset = (1023 + HIST_EXP_MIN) * HIST_SUB - 1
+    else:
+        bits = x.view(torch.int32) if nonnegative else x.view(torch.int32) & 0x7FFFFFFF
+        code = bits >> 20  # sign cleared: 8-bit exponent (bias 127) + 3 mantissa bits
+        offset = (127 + HIST_EXP_MIN) * HIST_SUB - 1
+    idx = (code.reshape(-1) - offset).clamp_(0, HIST_NBINS - 1)
+    return _as_np(torch.bincount(idx, minlength=HIST_NBINS)).astype(np.int64)
+
+
+def summarize(x: "torch.Tensor", sample_ids: np.ndarray, token_ids: np.ndarray, k: int) -> tuple[Moments, MagnitudeHistogram, TopK]:
+    """All three partial statistics of a [N, C] tensor in few passes over it (the probes' hot path).
+
+    Equal to ``Moments.from_tensor``, ``MagnitudeHistogram.from_tensor`` and ``TopK.from_tensor``
+    (tested), but fused: GEMV column sums, one ``abs``/``amax``, a bit-level histogram and a top-k found
+    among the elements at least as large as the k-th largest channel maximum (which must contain
+    the k largest elements overall)."""
+    import torch
+
+    x = x.detach()
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    n, c = x.shape
+    if n == 0:
+        return Moments.empty(c), MagnitudeHistogram.empty(), TopK.empty(k)
+    # Column sums as a GEMV (ones @ x): on CPU and GPU far faster than a dim-0 reduction; two
+    # passes (mean, then centred squares) keep M2 accurate. A non-finite sum means some value is
+    # NaN/Inf (or the float32 sum overflowed): then take the masked, counting path.
+    ones = torch.ones(1, n, dtype=x.dtype, device=x.device)
+    s = (ones @ x).reshape(-1)
+    if not bool(torch.isfinite(s).all()):
+        return (Moments.from_tensor(x), MagnitudeHistogram.from_tensor(x), TopK.from_tensor(x, sample_ids, token_ids, k))
+    mean = s / n
+    d = x - mean
+    m2 = (ones @ (d * d)).reshape(-1)
+    a = x.abs()
+    max_abs = a.amax(dim=0)
+    mom = Moments(np.full(c, n, dtype=np.int64), _as_np(mean).astype(np.float64),
+                  _as_np(m2).astype(np.float64), _as_np(max_abs).astype(np.float64), np.zeros(c, dtype=np.int64))
+    hist = MagnitudeHistogram(_hist_from_bits(a, nonnegative=True))
+    if c >= k:
+        # every element >= the k-th largest channel maximum lies in a channel whose maximum reaches
+        # it, so only those (about k) columns are searched
+        thr = torch.topk(max_abs, k).values[-1]
+        chans = torch.nonzero(max_abs >= thr).reshape(-1)
+        sub = a[:, chans]
+        rr, cc = torch.nonzero(sub >= thr, as_tuple=True)
+        v = _as_np(sub[rr, cc]).astype(np.float64)
+        rows, cols = _as_np(rr).astype(np.int64), _as_np(chans[cc]).astype(np.int64)
+        tk = TopK._select(k, v, cols, np.asarray(sample_ids)[rows], np.asarray(token_ids)[rows])
+    else:
+        tk = TopK.from_tensor(x, sample_ids, token_ids, k)
+    return mom, hist, tk

@@ -64,3 +64,11 @@ def shard_dir(probe, model):
     d = f"results/{probe}/shards/{model}"
     os.makedirs(d, exist_ok=True)
     return d
+
+
+def extra_outputs(probe, impl):
+    """A probe's declared extra shard outputs (checkpoints, images), directories marked."""
+    out = {}
+    for name, tmpl in impl.extra_outputs(config["probes"][probe]).items():
+        out[name] = directory(tmpl.rstrip("/")) if tmpl.endswith("/") else tmpl
+    return out

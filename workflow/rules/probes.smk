@@ -1,4 +1,6 @@
-# Three rules per enabled probe, generated from the probe's declarations (layerscope.probes):
+# Four rules per enabled probe, generated from the probe's declarations (layerscope.probes):
+#   <probe>_spec     one local job per model: what its shards share -> results/<probe>/specs/<model>.json
+#                    (rewritten when the model, data or settings change, so exactly the affected shards rerun)
 #   <probe>_shard    one job per (model, axis values): GPU work -> results/<probe>/shards/<model>/<shard>.h5
 #   <probe>_merge    one job per model: validated shards -> results/<probe>/tables/<model>/*.csv
 #   <probe>_figures  one job per probe: every model's tables -> results/<probe>/figures/*.png (in the report)
@@ -7,13 +9,34 @@ for _probe, _impl in PLAN.probes.items():
 
     rule:
         name:
-            f"{_probe}_shard"
+            f"{_probe}_spec"
         input:
             lambda w, p=_probe: PLAN.shard_inputs(p, w.model),
         output:
-            f"results/{_probe}/shards/{{model}}/{{shard}}.h5",
+            f"results/{_probe}/specs/{{model}}.json",
         params:
-            spec=lambda w, p=_probe: PLAN.spec_json(p, w.model, w.shard),
+            spec=lambda w, p=_probe: PLAN.base_spec_json(p, w.model),
+        log:
+            f"results/logs/{_probe}/specs/{{model}}.log",
+        localrule: True
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=5,
+        conda:
+            ENV
+        shell:
+            LAYERSCOPE + " write-spec --spec {params.spec:q} --out {output} > {log} 2>&1"
+
+    # static input and no per-job functions: a 10,000-shard dry run stays close to a bare Snakefile's
+    rule:
+        name:
+            f"{_probe}_shard"
+        input:
+            spec=f"results/{_probe}/specs/{{model}}.json",
+        output:
+            shard=f"results/{_probe}/shards/{{model}}/{{shard}}.h5",
+            **extra_outputs(_probe, _impl),
         log:
             f"results/logs/{_probe}/shards/{{model}}/{{shard}}.log",
         threads: PLAN.threads(_probe)
@@ -22,7 +45,8 @@ for _probe, _impl in PLAN.probes.items():
         conda:
             ENV
         shell:
-            LAYERSCOPE + " run-shard --spec {params.spec:q} --out {output} > {log} 2>&1"
+            LAYERSCOPE + " run-shard --spec @{input.spec} --shard {wildcards.shard} --threads {threads}"
+            " --out {output.shard} > {log} 2>&1"
 
     rule:
         name:

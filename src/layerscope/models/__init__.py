@@ -23,6 +23,8 @@ FAMILIES: dict[str, str] = {
     "dinov3": "layerscope.models.dinov3",
     "sdxl": "layerscope.models.sdxl",
     "clip": "layerscope.models.clip",
+    "wan": "layerscope.models.wan",
+    "sd3": "layerscope.models.sd3",
 }
 
 

@@ -12,6 +12,9 @@ if TYPE_CHECKING:
 PROBES: dict[str, str] = {
     "dinov3_channels": "layerscope.probes.dinov3_channels:DinoV3Channels",
     "sdxl_ablation": "layerscope.probes.sdxl_ablation:SdxlAblation",
+    "wan_logits": "layerscope.probes.wan_logits:WanLogits",
+    "sd3_recon_train": "layerscope.probes.sd3_recon_train:SD3ReconTrain",
+    "sd3_textgrad": "layerscope.probes.sd3_textgrad:SD3TextGrad",
 }
 
 

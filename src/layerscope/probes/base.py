@@ -105,6 +105,12 @@ class Probe:
                 out[axis] = [str(v) for v in probe_cfg.get(key, [])]
         return out
 
+    def extra_outputs(self, probe_cfg: Mapping[str, Any]) -> dict[str, str]:
+        """Outputs a shard job writes besides its .h5, as Snakemake path templates over the
+        wildcards ``{model}`` and ``{shard}``; a trailing '/' marks a directory (e.g. a checkpoint).
+        Declared, so Snakemake removes them on failure and knows which job makes them."""
+        return {}
+
     def check_config(self, probe_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         """Semantic checks beyond the JSON schema; raise ConfigError naming the field."""
 

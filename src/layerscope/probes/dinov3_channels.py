@@ -50,6 +50,63 @@ def massive_mask(top1: Any, median: Any, abs_threshold: float, ratio: float) -> 
     return (top1 > abs_threshold) & (top1 > ratio * median)
 
 
+class ChannelAccumulator:
+    """Partial statistics of every (hook, role) over batches of hidden states.
+
+    ``update`` takes the tuple of hidden states of one forward (embedding output first) and the
+    batch's global image ids; all reductions run on the hidden states' device."""
+
+    def __init__(self, layers: list[int], channels: int, n_register: int, topk: int,
+                 cls_norm: Any, patch_norm: Any, eps: float) -> None:
+        from layerscope.stats import MagnitudeHistogram, Moments, TopK
+
+        self.layers, self.C, self.n_reg, self.k = layers, channels, n_register, topk
+        self.cls_norm, self.patch_norm, self.eps = cls_norm, patch_norm, eps
+        self.stats: dict[tuple[str, str], tuple[Any, Any, Any]] = {
+            (hook_name(i, rep), role): (Moments.empty(channels), MagnitudeHistogram.empty(), TopK.empty(topk))
+            for i in layers for rep in REPS for role in ROLES
+        }
+
+    def _add(self, key: tuple[str, str], x: Any, sample_ids: Any, token_ids: Any) -> None:
+        from layerscope.stats import summarize
+
+        parts = summarize(x, sample_ids, token_ids, self.k)
+        self.stats[key] = tuple(a.merge(b) for a, b in zip(self.stats[key], parts))  # type: ignore[assignment]
+
+    def _final(self, norm: Any, x: Any, z: Any) -> Any:
+        """The model's final norm of x; when it is a LayerNorm with our eps, it is w * LN(x) + b,
+        one elementwise pass on the already normalised z instead of a second normalisation."""
+        import torch
+
+        if isinstance(norm, torch.nn.LayerNorm) and norm.eps == self.eps and norm.elementwise_affine:
+            w = norm.weight.to(z.dtype)
+            return torch.addcmul(norm.bias.to(z.dtype), z, w) if norm.bias is not None else z * w
+        return norm(x)
+
+    def update(self, hidden_states: Any, image_ids: Any) -> None:
+        import numpy as np
+        import torch.nn.functional as F
+
+        C, R = self.C, self.n_reg
+        B, T, _ = hidden_states[0].shape
+        patch_tok = np.arange(1 + R, T, dtype=np.int64)
+        cls_rows = (image_ids, np.zeros(B, dtype=np.int64))
+        patch_rows = (np.repeat(image_ids, len(patch_tok)), np.tile(patch_tok, B))
+        for i in self.layers:
+            x = hidden_states[i + 1]
+            cls_x, patch_x = x[:, 0], x[:, 1 + R:].reshape(-1, C)
+            cls_z, patch_z = F.layer_norm(cls_x, (C,), eps=self.eps), F.layer_norm(patch_x, (C,), eps=self.eps)
+            reps = {
+                "pre": (cls_x, patch_x),
+                "per_layer_ln": (cls_z, patch_z),
+                "global_ln": (self._final(self.cls_norm, cls_x, cls_z), self._final(self.patch_norm, patch_x, patch_z)),
+            }
+            for rep, (c, p) in reps.items():
+                h = hook_name(i, rep)
+                self._add((h, "cls"), c, *cls_rows)
+                self._add((h, "patch"), p, *patch_rows)
+
+
 class DinoV3Channels(Probe):
     name: ClassVar[str] = "dinov3_channels"
     axes: ClassVar[tuple[str, ...]] = ("slice",)
@@ -61,13 +118,11 @@ class DinoV3Channels(Probe):
     def run_shard(self, spec: ShardSpec, writer: "ShardWriter") -> None:
         import numpy as np
         import torch
-        import torch.nn.functional as F
 
         from layerscope.data import load_image, read_index
         from layerscope.models import resolve_device, resolve_dtype
         from layerscope.models.dinov3 import final_norms, load, preprocess
         from layerscope.plan import ConfigError
-        from layerscope.stats import MagnitudeHistogram, Moments, TopK
 
         cfg = spec.probe_cfg
         ds = next(iter(spec.datasets.values()))
@@ -92,44 +147,16 @@ class DinoV3Channels(Probe):
         size = int(cfg.get("image_size", model.config.image_size))
         C = model.config.hidden_size
 
-        acc: dict[tuple[str, str], list[Any]] = {}
-        for i in layers:
-            for rep in REPS:
-                for role in ROLES:
-                    acc[(hook_name(i, rep), role)] = [Moments.empty(C), MagnitudeHistogram.empty(), TopK.empty(topk)]
-
-        def add(key: tuple[str, str], x: torch.Tensor, sample_ids: np.ndarray, token_ids: np.ndarray) -> None:
-            m = Moments.from_tensor(x)
-            finite = bool(m.nonfinite.sum() == 0)
-            a = acc[key]
-            a[0] = a[0].merge(m)
-            a[1] = a[1].merge(MagnitudeHistogram.from_tensor(x, assume_finite=finite))
-            a[2] = a[2].merge(TopK.from_tensor(x, sample_ids, token_ids, topk))
-
+        acc = ChannelAccumulator(layers, C, n_reg, topk, cls_norm, patch_norm, eps)
         bs = int(cfg.get("batch_size", 8))
         with torch.inference_mode():
             for start in range(0, len(records), bs):
                 batch = records[start:start + bs]
                 pix = preprocess([load_image(r.path, size) for r in batch], device, dtype)
                 hs = model(pixel_values=pix, output_hidden_states=True).hidden_states
-                B, T, _ = hs[0].shape
-                ids = np.array([r.image_id for r in batch], dtype=np.int64)
-                patch_tok = np.arange(1 + n_reg, T, dtype=np.int64)
-                cls_rows = (ids, np.zeros(B, dtype=np.int64))
-                patch_rows = (np.repeat(ids, len(patch_tok)), np.tile(patch_tok, B))
-                for i in layers:
-                    x = hs[i + 1]
-                    reps = {
-                        "pre": (x[:, 0], x[:, 1 + n_reg:]),
-                        "per_layer_ln": (F.layer_norm(x[:, 0], (C,), eps=eps), F.layer_norm(x[:, 1 + n_reg:], (C,), eps=eps)),
-                        "global_ln": (cls_norm(x[:, 0]), patch_norm(x[:, 1 + n_reg:])),
-                    }
-                    for rep, (cls_x, patch_x) in reps.items():
-                        h = hook_name(i, rep)
-                        add((h, "cls"), cls_x.reshape(-1, C), *cls_rows)
-                        add((h, "patch"), patch_x.reshape(-1, C), *patch_rows)
+                acc.update(hs, np.array([r.image_id for r in batch], dtype=np.int64))
 
-        for (hook, role), (mom, hist, tk) in acc.items():
+        for (hook, role), (mom, hist, tk) in acc.stats.items():
             layer = int(hook.split(".")[1])
             rep = {"hook_resid_post": "pre", "ln_layer": "per_layer_ln", "ln_final": "global_ln"}[hook.split(".")[2]]
             writer.write(f"stats/{hook}/{role}", {**mom.to_dict(), **hist.to_dict(), **tk.to_dict()},

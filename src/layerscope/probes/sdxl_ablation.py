@@ -211,7 +211,8 @@ class SdxlAblation(Probe):
             raise ValueError(f"probes.sdxl_ablation.groups: {unknown[0]} is not a cross-attention group of {spec.model}; "
                              f"it has {', '.join(model_groups)}")
         if target not in model_groups and target not in CONTROLS:
-            raise ValueError(f"shard group {target!r} is not a cross-attention group of {spec.model}")
+            raise ValueError(f"probes.sdxl_ablation.groups: {target} is not a cross-attention group of {spec.model}; "
+                             f"it has {', '.join(model_groups)}")
         zeroed = [] if target == "all" else [g for g in model_groups if g != target]
         zero_modules = [n for g in zeroed for n in model_groups[g]]
         has_pooled = getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"

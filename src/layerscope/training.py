@@ -1,0 +1,317 @@
+"""Flow-matching fine-tuning of an SD3 pipeline with the sd3_light loss (design note 001).
+
+One run = one (model, gamma, target layer, seed): the text encoders and the VAE are frozen and
+evaluated once (captions -> prompt embeddings + text-token mask, images -> latents), then the
+MMDiT (all its weights, or a peft LoRA on its attention projections) takes ``steps`` AdamW steps
+on ``denoise + gamma * text_recon``.  Every step's losses are kept; the result is saved as a
+checkpoint that loads like any other model of the study:
+
+* ``mode: full`` - a whole ``StableDiffusion3Pipeline`` directory (``save_pretrained``), to be
+  referenced as ``source: <dir>``;
+* ``mode: lora`` - a peft adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)
+  for the transformer, to be referenced as ``source: <base>`` + ``lora: <dir>``.
+
+Both are written atomically (a temporary directory beside the target, renamed into place) and carry
+``layerscope_checkpoint.json`` describing how they were made.
+
+Flow matching as in SD3 (notes: models-and-science.md): a training index i is drawn (uniform,
+logit-normal or mode density, diffusers' ``compute_density_for_timestep_sampling``),
+``sigma = sigmas[i]``, ``t = timesteps[i]``, ``x_t = (1 - sigma) x0 + sigma eps``, target ``eps - x0``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from layerscope.models import ModelLoadError
+from layerscope.models.sd3_light import LOSS_TYPES, LightSD3Pipeline, ReconConfigError, compute_losses, final_hook_name, target_hook_name
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusion3Pipeline
+
+__all__ = ["FineTuneConfig", "TrainResult", "load_pipeline", "encode_dataset", "text_token_mask", "fine_tune",
+           "save_checkpoint", "CHECKPOINT_MANIFEST", "DEFAULT_LORA_TARGETS"]
+
+CHECKPOINT_MANIFEST = "layerscope_checkpoint.json"
+# SD3 joint-attention projections: image stream (to_q/k/v, to_out.0) and text stream (add_*_proj, to_add_out)
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+WEIGHTINGS = ("uniform", "logit_normal", "mode")
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """Settings of one fine-tuning run (probe config keys of the same names)."""
+
+    gamma: float = 0.0
+    target_layer: int = 0
+    seed: int = 0
+    steps: int = 20
+    batch_size: int = 2
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0: no clipping
+    mode: str = "full"  # full | lora
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    weighting: str = "uniform"  # timestep density: uniform | logit_normal | mode
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    loss_type: str = "mse"
+    huber_c: float = 0.1
+    image_size: int = 0  # 0: transformer.sample_size * vae_scale_factor
+    max_sequence_length: int = 77  # T5 part of the joint text sequence
+    max_images: int = 0  # 0: all
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("full", "lora"):
+            raise ReconConfigError(f"mode: {self.mode!r} is not one of full, lora")
+        if self.weighting not in WEIGHTINGS:
+            raise ReconConfigError(f"weighting: {self.weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ReconConfigError(f"loss_type: {self.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+        for key in ("steps", "batch_size", "max_sequence_length", "lora_rank"):
+            if int(getattr(self, key)) < 1:
+                raise ReconConfigError(f"{key}: must be >= 1, got {getattr(self, key)!r}")
+
+    @property
+    def model_config(self) -> dict[str, Any]:
+        return {"text_recon_gamma": float(self.gamma), "text_recon_target_layer": int(self.target_layer)}
+
+    @property
+    def loss_config(self) -> dict[str, Any]:
+        return {"loss_type": self.loss_type, "huber_c": float(self.huber_c)}
+
+
+@dataclass
+class TrainResult:
+    """Per-step records (float64 arrays of length ``steps``) and run facts."""
+
+    denoise: np.ndarray
+    recon: np.ndarray  # NaN-free; 0 where gamma == 0 (recon not computed: see recon_computed)
+    total: np.ndarray
+    sigma: np.ndarray  # mean sigma of the step's batch
+    grad_norm: np.ndarray  # before clipping
+    n_valid_tokens: np.ndarray  # int64
+    skipped: np.ndarray  # bool: non-finite loss or gradient, optimizer step skipped
+    recon_computed: bool
+    trainable_params: int
+    final_hook: str
+    target_hook: str
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_pipeline(model_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype = torch.float32) -> "StableDiffusion3Pipeline":
+    """The model's ``StableDiffusion3Pipeline`` through the sd3 family's ``load`` (the same loader the
+    text-gradient probe uses, so a checkpoint trains and probes identically).  A model-level LoRA is
+    merged by that loader; its wrapper layers are then replaced by their (merged) base layers, so the
+    transformer is a plain diffusers module again: training starts from the adapted weights and a
+    saved checkpoint has the plain key layout."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from layerscope.models import family_module
+
+    family = str(model_cfg.get("family", "sd3"))
+    if family != "sd3":
+        raise ModelLoadError(f"models.{model_cfg.get('name', '?')}.family: sd3_recon_train fine-tunes SD3 pipelines, got {family!r}")
+    pipe = family_module("sd3").load(model_cfg, device, dtype)
+    tr = pipe.transformer
+    for name, mod in list(tr.named_modules()):
+        if isinstance(mod, BaseTunerLayer):
+            if not mod.merged:
+                raise ModelLoadError(f"LoRA layer {name} was not merged by the loader")
+            parent, _, leaf = name.rpartition(".")
+            setattr(tr.get_submodule(parent) if parent else tr, leaf, mod.get_base_layer())
+    return pipe
+
+
+def text_token_mask(pipe: "StableDiffusion3Pipeline", captions: Sequence[str], max_sequence_length: int) -> torch.Tensor:
+    """bool [N, 77 + max_sequence_length]: which joint text positions hold a real token (the sd3
+    family's definition: CLIP positions real for either CLIP tokenizer, then the T5 attention mask,
+    all padding without T5)."""
+    from layerscope.models.sd3 import text_token_mask as sd3_mask
+
+    return sd3_mask(pipe, list(captions), max_sequence_length)
+
+
+@torch.no_grad()
+def encode_dataset(pipe: "StableDiffusion3Pipeline", images: Sequence[Any], captions: Sequence[str], image_size: int,
+                   max_sequence_length: int, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Frozen encoders, once: latents (VAE mean, shifted and scaled as SD3 trains), prompt
+    embeddings, pooled embeddings and the text-token mask, on the pipeline's device."""
+    dev = pipe.transformer.device
+    vae_dtype = pipe.vae.dtype
+    lat, pe, pp = [], [], []
+    for s in range(0, len(images), batch_size):
+        ims = images[s:s + batch_size]
+        arr = np.stack([np.asarray(im.convert("RGB").resize((image_size, image_size)), dtype=np.float32) / 127.5 - 1.0 for im in ims])
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2).to(dev, vae_dtype)
+        z = pipe.vae.encode(x).latent_dist.mean
+        shift = pipe.vae.config.shift_factor or 0.0
+        lat.append(((z - shift) * pipe.vae.config.scaling_factor).float())
+        caps = list(captions[s:s + batch_size])
+        e, _, p, _ = pipe.encode_prompt(prompt=caps, prompt_2=caps, prompt_3=caps, device=dev, do_classifier_free_guidance=False,
+                                        max_sequence_length=max_sequence_length)
+        pe.append(e.float())
+        pp.append(p.float())
+    mask = text_token_mask(pipe, captions, max_sequence_length).to(dev)
+    out = {"latents": torch.cat(lat), "prompt_embeds": torch.cat(pe), "pooled": torch.cat(pp), "text_mask": mask}
+    if out["prompt_embeds"].shape[1] != mask.shape[1]:
+        raise RuntimeError(f"text mask covers {mask.shape[1]} positions but the prompt embeddings have {out['prompt_embeds'].shape[1]}")
+    return out
+
+
+def _trainable(pipe: "StableDiffusion3Pipeline", cfg: FineTuneConfig) -> tuple[torch.nn.Module, Any]:
+    """Freeze everything but the MMDiT (full) or its LoRA weights; return (transformer, peft model or None)."""
+    for comp in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if comp is not None:
+            comp.requires_grad_(False)
+    tr = pipe.transformer
+    if cfg.mode == "full":
+        tr.requires_grad_(True)
+        return tr, None
+    from peft import LoraConfig, get_peft_model
+
+    tr.requires_grad_(False)
+    names = {n.rsplit(".", 1)[-1] for n, _ in tr.named_modules()} | {n for n, _ in tr.named_modules()}
+    missing = [t for t in cfg.lora_targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ReconConfigError(f"lora_targets: no module named {', '.join(missing)} in the SD3 transformer")
+    peft_model = get_peft_model(tr, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                               target_modules=list(cfg.lora_targets)))
+    return tr, peft_model  # LoRA layers are injected into tr in place; peft_model saves the adapter
+
+
+def fine_tune(pipe: "StableDiffusion3Pipeline", data: Mapping[str, torch.Tensor], cfg: FineTuneConfig,
+              on_step: Callable[[int, dict[str, float]], None] | None = None) -> tuple[TrainResult, Any]:
+    """Train ``pipe.transformer`` in place; return the per-step record and the peft model (lora) or None."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)  # LoRA init
+    tr, peft_model = _trainable(pipe, cfg)
+    tr.train()
+    light = LightSD3Pipeline(tr, cfg.model_config, cfg.loss_config)
+    n_layers = len(tr.transformer_blocks)
+    params = [p for p in tr.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)  # own copy: set_timesteps() mutates
+    sigmas_all = sched.sigmas.float()
+    tsteps_all = sched.timesteps.float()
+    n_train = len(sigmas_all)
+    dev = next(tr.parameters()).device
+    lat, pe, pooled, tmask = data["latents"], data["prompt_embeds"], data["pooled"], data["text_mask"]
+    n = lat.shape[0]
+    if n == 0:
+        raise ValueError("no training images")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rec = {k: np.zeros(cfg.steps, np.float64) for k in ("denoise", "recon", "total", "sigma", "grad_norm")}
+    n_valid = np.zeros(cfg.steps, np.int64)
+    skipped = np.zeros(cfg.steps, bool)
+    order = torch.randperm(n, generator=gen)
+    pos = 0
+    try:
+        for step in range(cfg.steps):
+            idx = []
+            while len(idx) < cfg.batch_size:  # epochs of a fresh permutation; batches may wrap across epochs
+                if pos == n:
+                    order, pos = torch.randperm(n, generator=gen), 0
+                idx.append(int(order[pos]))
+                pos += 1
+            ix = torch.tensor(idx)
+            x0 = lat[ix]
+            noise = torch.randn(x0.shape, generator=gen).to(dev)
+            u = compute_density_for_timestep_sampling(cfg.weighting, cfg.batch_size, logit_mean=cfg.logit_mean,
+                                                      logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, generator=gen)
+            ti = (u * n_train).long().clamp(0, n_train - 1)
+            sigma = sigmas_all[ti].to(dev).view(-1, 1, 1, 1)
+            x_t = (1.0 - sigma) * x0 + sigma * noise
+            target = noise - x0
+            out = light(x_t.to(tr.dtype), tsteps_all[ti].to(dev), pe[ix].to(tr.dtype), pooled[ix].to(tr.dtype))
+            terms = compute_losses(out, (target, None, tmask[ix]), cfg.gamma, cfg.loss_type, cfg.huber_c)
+            opt.zero_grad(set_to_none=True)
+            finite = bool(torch.isfinite(terms.total))
+            gnorm = float("nan")
+            if finite:
+                terms.total.backward()
+                gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+                gnorm = float(gn)
+                finite = math.isfinite(gnorm)
+                if finite:
+                    opt.step()
+            skipped[step] = not finite
+            rec["denoise"][step] = float(terms.denoise.detach())
+            rec["recon"][step] = float(terms.recon.detach()) if terms.recon is not None else 0.0
+            rec["total"][step] = float(terms.total.detach())
+            rec["sigma"][step] = float(sigma.mean())
+            rec["grad_norm"][step] = gnorm
+            n_valid[step] = terms.n_valid_tokens
+            if on_step is not None:
+                on_step(step, {k: float(v[step]) for k, v in rec.items()})
+    finally:
+        light.close()
+        tr.eval()
+    result = TrainResult(rec["denoise"], rec["recon"], rec["total"], rec["sigma"], rec["grad_norm"], n_valid, skipped,
+                         recon_computed=cfg.gamma > 0, trainable_params=sum(p.numel() for p in params),
+                         final_hook=final_hook_name(n_layers), target_hook=target_hook_name(cfg.target_layer),
+                         seconds=time.perf_counter() - t0)
+    return result, peft_model
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".old-{os.getpid()}-{out.name}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def save_checkpoint(pipe: "StableDiffusion3Pipeline", peft_model: Any, out_dir: str | Path, manifest: Mapping[str, Any]) -> Path:
+    """Write the trained model to ``out_dir`` atomically (temporary directory, then rename).
+
+    full: the whole pipeline (``save_pretrained``); lora: the peft adapter directory."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".partial-{os.getpid()}-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if peft_model is None:
+            pipe.save_pretrained(tmp)
+            kind = "pipeline"
+        else:
+            peft_model.save_pretrained(str(tmp))
+            kind = "lora"
+        (tmp / CHECKPOINT_MANIFEST).write_text(json.dumps({**manifest, "kind": kind}, indent=1, sort_keys=True, default=str))
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def config_from_probe(probe_cfg: Mapping[str, Any], gamma: float, target_layer: int, seed: int) -> FineTuneConfig:
+    """FineTuneConfig from the probe config (keys of the same names; unknown keys ignored)."""
+    names = {f for f in FineTuneConfig.__dataclass_fields__} - {"gamma", "target_layer", "seed"}
+    kw = {k: probe_cfg[k] for k in names if k in probe_cfg and probe_cfg[k] is not None}
+    if "lora_targets" in kw:
+        kw["lora_targets"] = tuple(kw["lora_targets"])
+    return FineTuneConfig(gamma=float(gamma), target_layer=int(target_layer), seed=int(seed), **kw)
+
+
+def manifest_of(cfg: FineTuneConfig, base: Mapping[str, Any]) -> dict[str, Any]:
+    return {"base_model": {k: base.get(k) for k in ("family", "kind", "path", "hub_id", "lora")}, "train": asdict(cfg)}

@@ -1,0 +1,262 @@
+"""sd3_recon_train: the fine-tune loop, its checkpoints, and the probe's shard -> table -> figure path.
+
+A tiny StableDiffusion3Pipeline (two tiny CLIP encoders with in-memory vocabularies, no T5, tiny
+VAE, 4-block MMDiT) is built offline once per module."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from layerscope.models.sd3_light import ReconConfigError
+
+torch.set_num_threads(1)
+CAPTIONS = ["a red square", "a blue circle on grass", "a cat", "two green lines"]
+
+
+def _bytes_to_unicode() -> list[str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def build_tiny_pipeline(out: Path) -> Path:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    chars = _bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+
+    def clip(seed: int):
+        torch.manual_seed(seed)
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, projection_dim=8, bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]))
+
+    torch.manual_seed(0)
+    tr = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=8,
+                               num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
+                        norm_num_groups=4, layers_per_block=1, sample_size=16, shift_factor=0.06, scaling_factor=1.5)
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    pipe = StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+                                    vae=vae, text_encoder=clip(1), tokenizer=tok, text_encoder_2=clip(2), tokenizer_2=tok,
+                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    from PIL import Image
+
+    from layerscope.data import build_index
+
+    root = tmp_path_factory.mktemp("recon")
+    base = build_tiny_pipeline(root / "sd3_base")
+    img_dir = root / "imgs"
+    img_dir.mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, cap in enumerate(CAPTIONS):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(img_dir / f"im{i}.png")
+        lines.append(f"im{i}.png\t{cap}")
+    (root / "caps.tsv").write_text("\n".join(lines) + "\n")
+    index = build_index("toy", {"kind": "folder", "path": str(img_dir), "captions": str(root / "caps.tsv")}, root / "data" / "index.tsv")
+    from layerscope.models import build_tiny
+
+    build_tiny("sd3", "default", 0, root / "sd3_tiny_t5")  # the default study's tiny SD3 (with a tiny T5)
+    return {"root": root, "base": base, "index": index, "tiny_t5": root / "sd3_tiny_t5"}
+
+
+def _data(pipe, index, max_seq=4):
+    from layerscope.data import load_image, read_index
+    from layerscope.training import encode_dataset
+
+    recs = read_index(index)
+    return encode_dataset(pipe, [load_image(r.path, 16) for r in recs], [r.caption for r in recs], 16, max_seq)
+
+
+def test_text_mask_and_first_step_against_independent_flow_matching(study):
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    from layerscope.training import FineTuneConfig, fine_tune, load_pipeline
+
+    pipe = load_pipeline({"kind": "path", "path": str(study["base"])}, torch.device("cpu"))
+    data = _data(pipe, study["index"])
+    # mask: CLIP positions holding bos + caption tokens + eos (byte-level vocab: one token per character
+    # plus '</w>' word ends), the 4 T5 positions all padding (no T5 in this pipeline)
+    n_tok = [len(c.replace(" ", "")) + 2 for c in CAPTIONS]
+    assert data["text_mask"].shape == (4, 77 + 4) and data["text_mask"].sum(1).tolist() == n_tok
+    assert not data["text_mask"][:, 77:].any()
+    base_state = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+
+    # independent reference of step 0: the same random draws, x_t from the scheduler's own scale_noise
+    cfg = FineTuneConfig(gamma=0.0, steps=1, batch_size=2, seed=3, max_sequence_length=4)
+    gen = torch.Generator().manual_seed(3)
+    order = torch.randperm(4, generator=gen)
+    ix = order[:2]
+    x0 = data["latents"][ix]
+    noise = torch.randn(x0.shape, generator=gen)
+    u = compute_density_for_timestep_sampling("uniform", 2, generator=gen)
+    ti = (u * 1000).long()
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sch = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    t = sch.timesteps[ti]
+    x_t = sch.scale_noise(x0, t, noise)
+    with torch.no_grad():
+        v = pipe.transformer(hidden_states=x_t, timestep=t, encoder_hidden_states=data["prompt_embeds"][ix],
+                             pooled_projections=data["pooled"][ix], return_dict=False)[0]
+    ref = F.mse_loss(v, noise - x0)
+    res0, _ = fine_tune(pipe, data, cfg)
+    assert abs(res0.denoise[0] - float(ref)) <= 1e-6 * float(ref)
+    assert res0.total[0] == res0.denoise[0] and res0.recon[0] == 0.0 and not res0.recon_computed
+
+    # gamma > 0 from the same weights and seed: same first denoise loss (the capture does not change
+    # the forward), total = denoise + gamma * recon on every step, recon over the batch's valid tokens only
+    pipe.transformer.load_state_dict(base_state)
+    res, _ = fine_tune(pipe, data, FineTuneConfig(gamma=0.5, target_layer=1, steps=4, batch_size=2, seed=3, max_sequence_length=4))
+    assert res.denoise[0] == res0.denoise[0]
+    np.testing.assert_allclose(res.total, res.denoise + 0.5 * res.recon, rtol=1e-6)
+    assert (res.recon > 0).all() and np.isfinite(res.total).all() and not res.skipped.any()
+    assert res.n_valid_tokens[0] == sum(n_tok[i] for i in ix.tolist())
+    assert res.final_hook == "transformer_blocks.2.hook_text_out" and res.target_hook == "transformer_blocks.0.hook_text_out"
+    changed = [k for k, w in pipe.transformer.state_dict().items() if not torch.equal(w, base_state[k])]
+    assert len(changed) > 0
+
+
+def test_full_checkpoint_round_trip_and_lora_adapter(study, tmp_path):
+    from layerscope.training import CHECKPOINT_MANIFEST, FineTuneConfig, fine_tune, load_pipeline, save_checkpoint
+
+    dev = torch.device("cpu")
+    pipe = load_pipeline({"kind": "path", "path": str(study["base"])}, dev)
+    data = _data(pipe, study["index"])
+    res, peft_model = fine_tune(pipe, data, FineTuneConfig(gamma=1.0, target_layer=0, steps=2, seed=1, max_sequence_length=4))
+    assert peft_model is None
+    ck = save_checkpoint(pipe, None, tmp_path / "ck_full", {"note": "test"})
+    assert json.loads((ck / CHECKPOINT_MANIFEST).read_text())["kind"] == "pipeline"
+    assert not list(tmp_path.glob(".partial-*"))
+    back = load_pipeline({"kind": "path", "path": str(ck)}, dev)
+    sd_a, sd_b = pipe.transformer.state_dict(), back.transformer.state_dict()
+    assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+
+    # lora: base weights frozen, only adapter weights train; base + adapter reloads to the trained model
+    pipe = load_pipeline({"kind": "path", "path": str(study["base"])}, dev)
+    base = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    res, peft_model = fine_tune(pipe, data, FineTuneConfig(gamma=0.5, target_layer=2, steps=3, seed=2, mode="lora",
+                                                           learning_rate=1e-2, max_sequence_length=4))
+    assert peft_model is not None and 0 < res.trainable_params < sum(v.numel() for v in base.values())
+    for k, v in pipe.transformer.state_dict().items():
+        if "lora_" not in k:
+            assert torch.equal(v, base[k.replace(".base_layer", "")]), k
+    ck = save_checkpoint(pipe, peft_model, tmp_path / "ck_lora", {})
+    assert (ck / "adapter_config.json").is_file() and json.loads((ck / CHECKPOINT_MANIFEST).read_text())["kind"] == "lora"
+    back = load_pipeline({"kind": "path", "path": str(study["base"]), "lora": str(ck)}, dev)
+    g = torch.Generator().manual_seed(0)
+    x = dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([300.0]),
+             encoder_hidden_states=data["prompt_embeds"][:1], pooled_projections=data["pooled"][:1], return_dict=False)
+    with torch.no_grad():
+        trained, reloaded = pipe.transformer(**x)[0], back.transformer(**x)[0]
+        plain = load_pipeline({"kind": "path", "path": str(study["base"])}, dev).transformer(**x)[0]
+    assert torch.allclose(trained, reloaded, atol=1e-5) and not torch.allclose(trained, plain, atol=1e-4)
+    # the adapted model is a plain diffusers transformer again (merged weights, plain keys): it trains and saves as one
+    assert back.transformer.state_dict().keys() == load_pipeline({"kind": "path", "path": str(study["base"])}, dev).transformer.state_dict().keys()
+
+
+def test_probe_shard_checkpoint_merge_plot_and_plan(study, tmp_path, monkeypatch):
+    """Through the lead's CLI (run-shard), merge driver and plot driver, as the Snakemake rules run them."""
+    import pandas as pd
+
+    from layerscope.cli import main as cli
+    from layerscope.h5io import Shard, ShardWriter
+    from layerscope.merge import merge_to_tables, plot_from_tables
+    from layerscope.plan import Plan, validate_config
+    from layerscope.probes import get_probe
+    from layerscope.probes.base import ShardSpec
+
+    monkeypatch.chdir(tmp_path)
+    probe = get_probe("sd3_recon_train")
+    cfg = {
+        "runtime": {"device": "cpu"},
+        "models": {"tiny": {"family": "sd3", "source": str(study["tiny_t5"])},
+                   "tiny_recon": {"family": "sd3", "source": "results/sd3_recon/checkpoints/tiny/gamma-0.5__target-1__seed-0"}},
+        "datasets": {"toy": {"kind": "list", "path": str(study["index"])}},  # an existing path; the index is built below
+        "probes": {"sd3_recon_train": {"models": ["tiny"], "dataset": "toy", "gammas": [0.0, 0.5], "targets": [1],
+                                       "seeds": [0], "steps": 3, "max_sequence_length": 8}},
+    }
+    validate_config(cfg)
+    plan = Plan(cfg, tmp_path)
+    assert plan.shards("sd3_recon_train") == [("tiny", "gamma-0__target-1__seed-0"), ("tiny", "gamma-0.5__target-1__seed-0")]
+    assert plan.model("tiny_recon")["kind"] == "path"  # a path under results/ is produced by a rule
+    Path("results/data/toy").mkdir(parents=True)
+    Path("results/data/toy/index.tsv").write_bytes(Path(study["index"]).read_bytes())
+
+    paths = []
+    for model, label in plan.shards("sd3_recon_train"):
+        out = plan.shard_path("sd3_recon_train", model, label)
+        assert cli(["run-shard", "--spec", plan.spec_json("sd3_recon_train", model, label), "--out", out]) == 0
+        paths.append(out)
+    shards = [Shard(p) for p in paths]
+    ck = Path("results/sd3_recon/checkpoints/tiny/gamma-0.5__target-1__seed-0")
+    assert ck == Path(plan.model("tiny_recon")["path"])  # the checkpoint is exactly what the second model loads
+    assert (ck / "model_index.json").is_file() and (ck / "transformer").is_dir()
+    assert Path("results/sd3_recon/checkpoints/tiny/gamma-0__target-1__seed-0/model_index.json").is_file()
+    man = json.loads((ck / "layerscope_checkpoint.json").read_text())
+    assert man["train"]["gamma"] == 0.5 and man["train"]["target_layer"] == 1 and man["axes"]["seed"] == "0"
+    assert shards[1].attrs["checkpoint"] == str(ck) and shards[1].attrs["target_hook"] == "transformer_blocks.0.hook_text_out"
+
+    merge_to_tables("sd3_recon_train", "tiny", paths, "results/sd3_recon_train/tables/tiny", plan.config_hash("sd3_recon_train", "tiny"))
+    df = pd.read_csv("results/sd3_recon_train/tables/tiny/losses.csv")
+    assert len(df) == 6 and set(df["gamma"]) == {0.0, 0.5}
+    for sh in shards:
+        sub = df[df["gamma"] == float(sh.axes["gamma"])]
+        g = sh.groups["train/losses"]
+        np.testing.assert_allclose(sub["total"].to_numpy(), g["total"], rtol=1e-15)
+        np.testing.assert_allclose(sub["recon"].to_numpy(), g["recon"], rtol=1e-15)
+    on = df[df["gamma"] == 0.5]
+    np.testing.assert_allclose(on["total"], on["denoise"] + 0.5 * on["recon"], rtol=1e-6)
+    assert (df[df["gamma"] == 0.0]["recon"] == 0).all() and (on["recon"] > 0).all()
+    assert not df[df["gamma"] == 0.0]["recon_computed"].any() and on["recon_computed"].all()
+    # with T5 the valid targets include T5 positions: every step's count is a sum of two captions' counts,
+    # each counted here straight from the tokenizers (CLIP: either tokenizer's mask; T5: its own, 8 positions)
+    from itertools import combinations_with_replacement
+
+    from layerscope.data import read_index
+    from layerscope.training import load_pipeline
+
+    pipe = load_pipeline({"kind": "path", "path": str(study["tiny_t5"])}, torch.device("cpu"))
+    assert pipe.text_encoder_3 is not None
+    caps = [r.caption for r in read_index(study["index"])]
+    per = []
+    for c in caps:
+        clip = max(int(t(c, max_length=77, truncation=True).attention_mask.__len__()) for t in (pipe.tokenizer, pipe.tokenizer_2))
+        t5 = int(sum(pipe.tokenizer_3(c, max_length=8, truncation=True).attention_mask))
+        per.append(clip + t5)
+    sums = {a + b for a, b in combinations_with_replacement(per, 2)}
+    assert set(on["n_valid_tokens"]) <= sums and (on["n_valid_tokens"] > max(per)).all()
+    plot_from_tables("sd3_recon_train", ["results/sd3_recon_train/tables/tiny"], "results/sd3_recon_train/figures", "test")
+    assert Path("results/sd3_recon_train/figures/loss_curves.png").stat().st_size > 10_000
+
+    # a target layer beyond the model fails before any training, naming the key and the range
+    spec = plan.spec("sd3_recon_train", "tiny", "gamma-0.5__target-1__seed-0")
+    bad = ShardSpec(**{**spec.to_json_dict(), "axes": {"gamma": "0.5", "target": "3", "seed": "0"}})
+    with pytest.raises(ReconConfigError, match=r"text_recon_target_layer: 3 is out of range .* valid: 0\.\.2"):
+        with ShardWriter(tmp_path / "bad.h5", {}) as w:
+            probe.run_shard(bad, w)
+    assert not (tmp_path / "bad.h5").exists()

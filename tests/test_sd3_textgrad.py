@@ -1,0 +1,368 @@
+"""sd3_textgrad: one-pass gradients against independent references, metrics by hand, padding
+masks, LoRA, and a shard -> merge -> figures round trip on the tiny SD3 pipeline."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+from layerscope.models import ModelLoadError  # noqa: E402
+from layerscope.models import sd3  # noqa: E402
+from layerscope.probes import sd3_textgrad as P  # noqa: E402
+
+CPU = torch.device("cpu")
+PROMPTS = ["a cat", "a ginger tabby cat looking to the side"]
+MSL = 16  # T5 positions in the tests' text sequence
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("sd3") / "tiny"
+    sd3.build_tiny("default", 0, d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_dir):
+    return sd3.load({"kind": "path", "path": str(tiny_dir)}, CPU, torch.float32)
+
+
+def call_kwargs(pipe, prompts=PROMPTS, seed=0):
+    with torch.no_grad():
+        pe, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=CPU,
+                                              do_classifier_free_guidance=False, max_sequence_length=MSL)
+    g = torch.Generator().manual_seed(seed)
+    s = pipe.transformer.config.sample_size
+    x = torch.randn(len(prompts), 4, s, s, generator=g)
+    return dict(hidden_states=x, timestep=torch.full((len(prompts),), 750.0), encoder_hidden_states=pe,
+                pooled_projections=pooled)
+
+
+def isolated_grad(tr, block, kw, shift=None):
+    """Reference: a hook on ONE block replaces its text input by a fresh leaf; autograd.grad of y wrt it.
+    With ``shift`` given, return y with the block's text input moved by ``shift`` instead."""
+    box = {}
+
+    def hook(mod, args, kwargs):
+        h = kwargs["encoder_hidden_states"].detach()
+        h = h + shift if shift is not None else h.requires_grad_(True)
+        box["h"] = h
+        return args, {**kwargs, "encoder_hidden_states": h}
+
+    handle = tr.transformer_blocks[block].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.enable_grad():
+            y = tr(**kw, return_dict=False)[0].double().pow(2).sum()
+            if shift is not None:
+                return float(y)
+            return torch.autograd.grad(y, box["h"])[0], box["h"].detach()
+    finally:
+        handle.remove()
+
+
+# ----------------------------------------------------------------------------- gradients
+def test_one_pass_equals_isolated_autograd_for_every_block(pipe):
+    tr = pipe.transformer
+    kw = call_kwargs(pipe)
+    n = len(tr.transformer_blocks)
+    out, grads = P.text_input_grads(tr, list(range(n)), kw)
+    assert torch.equal(out, tr(**kw, return_dict=False)[0])  # hooks do not change the forward
+    norms = []
+    for i in range(n):
+        ref, _ = isolated_grad(tr, i, kw)
+        torch.testing.assert_close(grads[i], ref.float(), rtol=1e-5, atol=1e-7)
+        norms.append(float(ref.norm()))
+    assert min(norms) > 0  # the last (context_pre_only) block's text input matters too
+    assert len({round(v, 6) for v in norms}) == n  # every block differs
+    # a subset of blocks, without block 0: same gradients
+    _, sub = P.text_input_grads(tr, [2, n - 1], kw)
+    torch.testing.assert_close(sub[2], grads[2], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(sub[n - 1], grads[n - 1], rtol=1e-5, atol=1e-7)
+
+
+def test_one_pass_matches_float64_finite_differences(pipe, tiny_dir):
+    tr = sd3.load({"kind": "path", "path": str(tiny_dir)}, CPU, torch.float64).transformer
+    kw = {k: (v.double() if v.is_floating_point() else v) for k, v in call_kwargs(pipe).items()}
+    n = len(tr.transformer_blocks)
+    _, grads = P.text_input_grads(tr, list(range(n)), kw)
+    g = torch.Generator().manual_seed(1)
+    for i in range(n):
+        v = torch.randn(grads[i].shape, generator=g, dtype=torch.float64)
+        eps = 1e-5
+        fd = (isolated_grad(tr, i, kw, eps * v) - isolated_grad(tr, i, kw, -eps * v)) / (2 * eps)
+        an = float((grads[i] * v).sum())
+        assert fd == pytest.approx(an, rel=1e-6), (i, fd, an)
+
+
+def test_batch_rows_are_independent(pipe):
+    tr = pipe.transformer
+    kw = call_kwargs(pipe)
+    _, both = P.text_input_grads(tr, [0, 3], kw)
+    one = {k: v[1:] for k, v in kw.items()}
+    _, single = P.text_input_grads(tr, [0, 3], one)
+    torch.testing.assert_close(both[3][1:], single[3], rtol=1e-5, atol=1e-7)
+
+
+def test_without_forcing_frozen_blocks_have_no_gradient(pipe):
+    _, grads = P.text_input_grads(pipe.transformer, [0, 1], call_kwargs(pipe), force_txt_grad=False)
+    assert grads == {0: None, 1: None}
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_metrics_equal_hand_computation():
+    s = np.array([[3.0, 1.0, 0.0, 4.0]])
+    m = P.token_metrics(s, None, topk=2)
+    p = np.array([3, 1, 4]) / 8.0
+    h = -(p * np.log(p)).sum()
+    assert m["strength"][0] == pytest.approx(2.0)
+    assert m["topk_mass"][0] == pytest.approx(7 / 8)
+    assert m["entropy"][0] == pytest.approx(h)
+    assert m["entropy_norm"][0] == pytest.approx(h / math.log(4))
+    assert (m["n_tokens"][0], m["nonfinite"][0], m["status"][0]) == (4, 0, P.OK)
+    # masked positions are not counted; k larger than n gives mass 1; uniform scores give entropy log n
+    m = P.token_metrics(np.array([[2.0, 2.0, 9.0]]), np.array([[True, True, False]]), topk=5)
+    assert (m["strength"][0], m["topk_mass"][0], m["n_tokens"][0]) == (2.0, 1.0, 2)
+    assert m["entropy"][0] == pytest.approx(math.log(2)) and m["entropy_norm"][0] == pytest.approx(1.0)
+
+
+def test_metrics_guard_nonfinite_empty_and_zero_rows():
+    s = np.array([[1.0, np.nan, np.inf, 3.0], [np.nan, np.nan, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [5.0, 1.0, 1.0, 1.0]])
+    mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=bool)
+    m = P.token_metrics(s, mask, topk=1)
+    assert list(m["nonfinite"]) == [2, 2, 0, 0]  # counted, not dropped
+    assert list(m["n_tokens"]) == [2, 0, 4, 0]
+    assert list(m["status"]) == [P.OK, P.EMPTY, P.ZERO_MASS, P.EMPTY]
+    assert m["strength"][0] == pytest.approx(2.0) and m["topk_mass"][0] == pytest.approx(0.75)
+    assert np.isnan(m["strength"][1]) and np.isnan(m["entropy"][3])
+    assert m["strength"][2] == 0.0 and np.isnan(m["topk_mass"][2]) and np.isnan(m["entropy"][2])
+
+
+# ----------------------------------------------------------------------------- padding
+def test_padding_mask_for_a_short_prompt(pipe, tmp_path):
+    mask = sd3.text_token_mask(pipe, PROMPTS, MSL)
+    pe = call_kwargs(pipe)["encoder_hidden_states"]
+    assert mask.shape == pe.shape[:2] == (2, 77 + MSL)
+    for r, prompt in enumerate(PROMPTS):
+        # independent count: the unpadded tokenisations (BOS/EOS and '</s>' are content)
+        n_clip = len(pipe.tokenizer(prompt).input_ids)
+        assert n_clip == len(pipe.tokenizer_2(prompt).input_ids)
+        n_t5 = len(pipe.tokenizer_3(prompt).input_ids)
+        expect = torch.zeros(77 + MSL, dtype=torch.bool)
+        expect[:n_clip] = True
+        expect[77:77 + n_t5] = True
+        assert torch.equal(mask[r], expect), prompt
+    assert mask[0].sum() == len("acat") + 2 + len(pipe.tokenizer_3("a cat").input_ids)  # character-level CLIP vocab
+    # the masked-out positions hold exactly each tokenizer's pad token
+    ids1 = pipe.tokenizer(PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids2 = pipe.tokenizer_2(PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert (ids1[~mask[:, :77]] == pipe.tokenizer.pad_token_id).all()
+    assert (ids2[~mask[:, :77]] == pipe.tokenizer_2.convert_tokens_to_ids("!")).all()
+    # without T5 every T5 position is padding, and diffusers feeds zeros there
+    d = tmp_path / "no_t5"
+    sd3.build_tiny("no_t5", 0, d)
+    p2 = sd3.load({"kind": "path", "path": str(d)}, CPU, torch.float32)
+    m2 = sd3.text_token_mask(p2, PROMPTS, MSL)
+    assert torch.equal(m2[:, :77], mask[:, :77]) and not m2[:, 77:].any()
+    pe2 = call_kwargs(p2)["encoder_hidden_states"]
+    assert pe2.shape == pe.shape and (pe2[:, 77:] == 0).all()
+
+
+# ----------------------------------------------------------------------------- LoRA
+def make_adapter(tiny_dir: Path, out: Path, targets=("add_q_proj", "add_v_proj", "to_q")) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    tr = sd3.load({"kind": "path", "path": str(tiny_dir)}, CPU, torch.float32).transformer
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=list(targets), init_lora_weights=False)
+    torch.manual_seed(5)
+    inject_adapter_in_model(cfg, tr)
+    sd3.save_lora_adapter(tr, cfg, out)
+
+
+def test_lora_changes_scores_and_reloads_identically(pipe, tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    make_adapter(tiny_dir, tmp_path / "lora")
+    mcfg = {"kind": "path", "path": str(tiny_dir), "lora": str(tmp_path / "lora")}
+    a = sd3.load(mcfg, CPU, torch.float32)
+    b = sd3.load(mcfg, CPU, torch.float32)
+    kw = call_kwargs(pipe)
+    blocks = [0, 1, 2, 3]
+    _, g0 = P.text_input_grads(pipe.transformer, blocks, kw)
+    _, ga = P.text_input_grads(a.transformer, blocks, kw)
+    _, gb = P.text_input_grads(b.transformer, blocks, kw)
+    for i in blocks:
+        assert torch.equal(ga[i], gb[i])  # reloads identically
+        s0, sa = g0[i].norm(dim=-1), ga[i].norm(dim=-1)
+        assert float((s0 - sa).abs().max() / s0.abs().max()) > 1e-3  # the adapter changes every block's scores
+    # merged weight == W + (alpha / r) B A, from the saved tensors
+    st = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    key = "transformer_blocks.1.attn.add_q_proj"
+    A, B = st[f"{key}.lora_A.weight"], st[f"{key}.lora_B.weight"]
+    w0 = dict(pipe.transformer.named_parameters())[f"{key}.weight"]
+    wa = dict(a.transformer.named_parameters())[f"{key}.base_layer.weight"]
+    torch.testing.assert_close(wa, w0 + 2.0 * B @ A)
+    # config override: a subset of the adapter's modules applies only those
+    c = sd3.load({**mcfg, "lora_target": "add_q_proj"}, CPU, torch.float32)
+    wc = dict(c.transformer.named_parameters())
+    torch.testing.assert_close(wc[f"{key}.base_layer.weight"], wa)
+    assert torch.equal(wc["transformer_blocks.1.attn.to_q.weight"], dict(pipe.transformer.named_parameters())["transformer_blocks.1.attn.to_q.weight"])
+
+
+def test_lora_errors_name_the_problem(tiny_dir, tmp_path):
+    sd3.build_tiny_lora(tmp_path / "lora", targets=("add_q_proj",))
+    mcfg = {"kind": "path", "path": str(tiny_dir), "lora": str(tmp_path / "lora")}
+    with pytest.raises(ModelLoadError, match="lora_target.*to_k"):
+        sd3.load({**mcfg, "lora_target": ["add_q_proj", "to_k"]}, CPU, torch.float32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="adapter_config.json"):
+        sd3.load({**mcfg, "lora": str(tmp_path / "empty")}, CPU, torch.float32)
+    with pytest.raises(ModelLoadError, match="model_index.json"):
+        sd3.load({"kind": "path", "path": str(tmp_path / "empty")}, CPU, torch.float32)
+    assert sd3.parse_lora_target("text, to_q") == ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "to_q"]
+
+
+# ----------------------------------------------------------------------------- shard round trip
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from PIL import Image
+
+    from layerscope.data import build_index
+
+    d = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, cap in enumerate(["a red square", "a blue sky over the sea", "noise"]):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(d / f"im{i}.png")
+        lines.append(f"im{i}.png\t{cap}")
+    (d / "list.txt").write_text("\n".join(lines) + "\n")
+    idx = build_index("pairs", {"kind": "list", "path": str(d / "list.txt")}, d / "index.tsv")
+    return {"kind": "list", "path": str(d / "list.txt"), "index": str(idx)}
+
+
+def run(tmp_path, tiny_dir, dataset, axes, name="tiny", dtype="fp32", **cfg):
+    from layerscope.h5io import Shard, ShardWriter
+    from layerscope.probes.base import ShardSpec
+
+    probe_cfg = {"models": [name], "dataset": "pairs", "max_sequence_length": MSL, "topk": 3, "batch_size": 2, **cfg}
+    spec = ShardSpec(probe="sd3_textgrad", model=name, axes=axes, probe_cfg=probe_cfg,
+                     model_cfg={"family": "sd3", "kind": "path", "path": str(tiny_dir), "dtype": dtype, "name": name},
+                     datasets={"pairs": dataset}, config_hash="h", device="cpu")
+    out = tmp_path / (name + "__" + "__".join(f"{a}-{v}" for a, v in axes.items()) + ".h5")
+    prov = {"probe": "sd3_textgrad", "model": name, "axes": axes, "config_hash": "h", "data_digest": "{}",
+            "spec": spec.to_json_dict()}
+    with ShardWriter(out, prov) as w:
+        P.SD3TextGrad().run_shard(spec, w)
+    return Shard(out)
+
+
+def test_shard_merge_and_figures(tmp_path, tiny_dir, dataset, pipe):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from layerscope.data import load_image, read_index
+
+    probe = P.SD3TextGrad()
+    shards = [run(tmp_path, tiny_dir, dataset, {"timestep": "300", "seed": str(s), "slice": sl}, save_token_scores=True)
+              for s in (0, 1) for sl in ("0of2", "1of2")]
+    tables = probe.merge(shards)
+    smp = tables["samples"]
+    assert len(smp) == 2 * 3 * 4 and set(smp["status"]) == {"ok"} and smp["nonfinite"].sum() == 0
+
+    # recompute one row independently: VAE mean latent, scheduler.scale_noise, isolated autograd
+    rec = read_index(dataset["index"])[1]
+    sch = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    with torch.no_grad():
+        pe, _, pooled, _ = pipe.encode_prompt(prompt=[rec.caption], prompt_2=None, prompt_3=None, device=CPU,
+                                              do_classifier_free_guidance=False, max_sequence_length=MSL)
+        pix = pipe.image_processor.preprocess([load_image(rec.path, 32)], height=32, width=32)
+        z0 = (pipe.vae.encode(pix).latent_dist.mode() - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+        xt = sch.scale_noise(z0, sch.timesteps[300:301], P.noise_for(1, rec.image_id, z0.shape[1:])[None])
+    kw = dict(hidden_states=xt, timestep=sch.timesteps[300:301], encoder_hidden_states=pe, pooled_projections=pooled)
+    g, _ = isolated_grad(pipe.transformer, 2, kw)
+    scores = g.norm(dim=-1)[0].numpy()
+    mask = sd3.text_token_mask(pipe, [rec.caption], MSL)[0].numpy()
+    v = scores[mask]
+    row = smp[(smp.seed == 1) & (smp.image_id == rec.image_id) & (smp.block == 2)].iloc[0]
+    assert row.n_tokens == mask.sum() < len(mask)
+    assert row.strength == pytest.approx(v.mean(), rel=1e-4)
+    assert row.topk_mass == pytest.approx(np.sort(v)[-3:].sum() / v.sum(), rel=1e-4)
+    assert row.hook == "transformer_blocks.2.hook_text_grad" and row.sigma == pytest.approx(float(sch.sigmas[300]))
+
+    # the per-block table: numpy over the samples; the pooled row equals the single timestep's
+    blk = tables["blocks"]
+    for b in range(4):
+        vals = smp[smp.block == b]["entropy"].to_numpy()
+        r = blk[(blk.block == b) & (blk.timestep_index == "300")].iloc[0]
+        assert r.entropy_mean == pytest.approx(vals.mean()) and r.entropy_std == pytest.approx(vals.std(ddof=1))
+        assert r.rows == 6 and r.n_ok == 6
+        assert blk[(blk.block == b) & (blk.timestep_index == "all")].iloc[0].entropy_mean == pytest.approx(vals.mean())
+    # per-token table: mean over seeds and samples of the stored scores
+    tok = tables["tokens"]
+    t = tok[(tok.block == 2) & (tok.position == 0)].iloc[0]
+    col = np.concatenate([sh.groups["stats/transformer_blocks.2.hook_text_grad"]["token_scores"][:, 0] for sh in shards])
+    assert t["count"] == 6 and t.mean_score == pytest.approx(col.mean(), rel=1e-6) and t.content_fraction == 1.0
+
+    # figures
+    import pandas as pd
+
+    figs = tmp_path / "figs"
+    figs.mkdir()
+    probe.plot({k: pd.concat([v.assign(model="a"), v.assign(model="b")]) for k, v in tables.items()}, figs)
+    for f in probe.figures:
+        assert (figs / f"{f}.png").stat().st_size > 5000
+
+
+def test_nonfinite_gradients_are_counted_or_refused_in_fp16(tmp_path, tiny_dir, dataset, monkeypatch):
+    real = P.text_input_grads
+
+    def nan_grads(tr, blocks, kw, force_txt_grad=True):
+        out, grads = real(tr, blocks, kw, force_txt_grad)
+        grads[1] = grads[1].clone()
+        grads[1][:, 0] = float("nan")  # token 0 (CLIP BOS, always content) of block 1
+        return out, grads
+
+    monkeypatch.setattr(P, "text_input_grads", nan_grads)
+    sh = run(tmp_path, tiny_dir, dataset, {"timestep": "500", "seed": "0", "slice": "0of1"})
+    d = sh.groups["stats/transformer_blocks.1.hook_text_grad"]
+    assert list(d["nonfinite"]) == [1, 1, 1] and (d["status"] == P.OK).all()
+    assert (d["n_tokens"] == sh.groups["inputs"]["token_mask"].sum(1) - 1).all()
+    assert (sh.groups["stats/transformer_blocks.0.hook_text_grad"]["nonfinite"] == 0).all()
+    from layerscope.plan import ConfigError
+
+    with pytest.raises(ConfigError, match="fp16.*dtype: fp32"):
+        run(tmp_path, tiny_dir, dataset, {"timestep": "500", "seed": "0", "slice": "0of1"}, name="half", dtype="fp16")
+
+
+def test_bad_timestep_and_layers_name_the_field(tmp_path, tiny_dir, dataset):
+    from layerscope.plan import ConfigError
+
+    with pytest.raises(ConfigError, match="timesteps: index 1000"):
+        run(tmp_path, tiny_dir, dataset, {"timestep": "1000", "seed": "0", "slice": "0of1"})
+    with pytest.raises(ConfigError, match="layers: \\[7\\]"):
+        run(tmp_path, tiny_dir, dataset, {"timestep": "10", "seed": "0", "slice": "0of1"}, layers=[1, 7])
+
+
+def test_lora_saved_by_peftmodel_matches_peft_forward(pipe, tiny_dir, tmp_path):
+    """An adapter written by PeftModel.save_pretrained ('base_model.model.' keys) loads, and the
+    merged transformer equals peft's own (unmerged) LoRA forward."""
+    from peft import LoraConfig, get_peft_model
+
+    base = sd3.load({"kind": "path", "path": str(tiny_dir)}, CPU, torch.float32).transformer
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["add_k_proj", "to_v"], init_lora_weights=False)
+    torch.manual_seed(3)
+    pm = get_peft_model(base, cfg)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    merged = sd3.load({"kind": "path", "path": str(tiny_dir), "lora": str(tmp_path / "peft")}, CPU, torch.float32).transformer
+    kw = call_kwargs(pipe)
+    with torch.no_grad():
+        ref = pm(**kw, return_dict=False)[0]
+        got = merged(**kw, return_dict=False)[0]
+        plain = pipe.transformer(**kw, return_dict=False)[0]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert float((ref - plain).abs().max()) > 1e-3
