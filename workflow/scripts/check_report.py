@@ -20,6 +20,7 @@ Needs only the standard library and Debian's `chromium` package (run as root: --
 from __future__ import annotations
 
 import argparse
+import html as html_mod
 import json
 import re
 import shutil
@@ -120,8 +121,6 @@ def browse(report: Path, browser: str, timeout: float = 120) -> dict:
     m = re.search(r'<pre id="layerscope-report-check">(.*?)</pre>', r.stdout, re.S)
     if not m:
         raise RuntimeError(f"{browser} produced no verdict (exit {r.returncode}): {r.stderr.strip()[-1500:]}")
-    import html as html_mod
-
     return json.loads(html_mod.unescape(m.group(1)))
 
 
@@ -141,7 +140,7 @@ def check(report: Path, workdir: Path | None = None, browser: str | None = None)
         if not re.sub(r"<[^>]+>", "", caption).strip():
             problems.append(f"{path}: no caption")
         if "system-message" in caption or "System Message" in caption:
-            msg = re.sub(r"<[^>]+>", " ", caption[caption.find("System Message"):])
+            msg = html_mod.unescape(re.sub(r"<[^>]+>", " ", caption[caption.find("System Message"):]))
             problems.append(f"{path}: reStructuredText error in its caption: {' '.join(msg.split())[:200]}")
     seen = browse(report, browser)
     if not seen["app"]:
