@@ -222,8 +222,13 @@ def test_default_study_under_slurm_matches_local_run(slurm_cluster, tmp_path):
         proc = subprocess.Popen([str(exe), "-s", str(REPO / "Snakefile"), "--profile", str(REPO / "profiles/local"),
                                  "--configfile", str(cfg)], cwd=local, stdout=log, stderr=subprocess.STDOUT,
                                 env=slurm_env())
-        r = run_slurm(cluster, "-s", str(REPO / "Snakefile"), "--configfile", str(cfg), timeout=420)
-        rc_local = proc.wait(timeout=420)
+        try:
+            r = run_slurm(cluster, "-s", str(REPO / "Snakefile"), "--configfile", str(cfg), timeout=420)
+            rc_local = proc.wait(timeout=420)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     assert r.returncode == 0, output_of(r)
     assert rc_local == 0, (tmp_path / "local.log").read_text()[-3000:]
 
