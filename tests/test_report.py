@@ -71,8 +71,11 @@ def test_every_figure_of_the_report_loads_in_chromium(report, browser):
     wd = report.parent
     summary, problems = check_report.check(report, workdir=wd, browser=browser)
     assert problems == [], "\n".join(problems)
-    pngs = sorted(p.relative_to(wd).as_posix() for p in wd.glob("results/*/figures/*.png"))
-    assert pngs and sorted(summary["figures"]) == pngs
+    from layerscope.probes import get_probe
+
+    probes = yaml.safe_load((wd / "study.yaml").read_text())["probes"]
+    declared = sorted(f"results/{p}/figures/{f}.png" for p in probes for f in get_probe(p).figures)
+    assert declared and sorted(summary["figures"]) == declared
     for path, fig in summary["figures"].items():
         assert (fig["width"], fig["height"]) == check_report.png_size(wd / path)
 

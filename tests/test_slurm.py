@@ -23,6 +23,9 @@ import yaml
 from conftest_slurm import (  # noqa: F401  (slurm_cluster: the fixture)
     REPO, STATUS_CHECK_SECONDS, output_of, run_id, run_slurm, slurm_cluster, slurm_env)
 
+sys.path.insert(0, str(REPO / "workflow" / "scripts"))
+import check_report  # noqa: E402
+
 MINI = REPO / "tests" / "slurm" / "Snakefile"
 SHARD_COMMENT = "rule_gpu_shard_wildcards_{}"
 MERGE_COMMENT = "rule_merge"
@@ -251,3 +254,16 @@ def test_default_study_under_slurm_matches_local_run(slurm_cluster, tmp_path):
         pd.testing.assert_frame_equal(pd.read_csv(local / t), pd.read_csv(cluster / t), check_exact=False, rtol=1e-9)
     figures = sorted(p.relative_to(cluster) for p in cluster.glob("results/*/figures/*.png"))
     assert figures and figures == sorted(p.relative_to(local) for p in local.glob("results/*/figures/*.png"))
+
+    # the report of the cluster run (built on the login node) shows every figure in a browser;
+    # caption wording is tests/test_report.py's business
+    rep = subprocess.run([str(exe), "-s", str(REPO / "Snakefile"), "--configfile", str(cfg), "--report", "report.html"],
+                         cwd=cluster, capture_output=True, text=True, env=slurm_env(), timeout=300)
+    assert rep.returncode == 0, output_of(rep)
+    if check_report.find_browser() is not None:
+        summary, problems = check_report.check(cluster / "report.html", workdir=cluster)
+        assert [p for p in problems if "caption" not in p] == [], problems
+        from layerscope.probes import get_probe
+
+        declared = sorted(f"results/{p}/figures/{f}.png" for p in study["probes"] for f in get_probe(p).figures)
+        assert sorted(summary["figures"]) == declared
