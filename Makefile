@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: study test install bench dry-run clean
+.PHONY: study test install system-deps bench dry-run clean
 
 install: $(VENV)/.installed
 
@@ -23,7 +23,14 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 study: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --profile profiles/local --cores $(CORES)
 
-test: install
+# Debian's chromium opens the Snakemake report in the report test; installed when root with apt
+# (the SLURM test fixture installs its own Debian packages the same way), else those tests skip.
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v chromium >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	fi
+
+test: install system-deps
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -ra
 
 dry-run: install

@@ -21,6 +21,6 @@ include: "workflow/rules/probes.smk"
 
 
 rule all:
+    default_target: True
     input:
         PLAN.targets(),
-    default_target: True

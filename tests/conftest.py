@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest_slurm import slurm_cluster  # noqa: F401,E402  (session fixture: a real single-node SLURM)
+
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -4,34 +4,34 @@
 rule build_tiny_model:
     output:
         directory("results/models/{model}"),
+    log:
+        "results/logs/models/{model}.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=scaled(4000),
+        runtime=scaled(10),
     params:
         family=lambda w: PLAN.model(w.model)["family"],
         arch=lambda w: PLAN.model(w.model)["arch"],
         seed=lambda w: PLAN.model(w.model).get("seed", 0),
-    log:
-        "results/logs/models/{model}.log",
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=10,
-    conda:
-        ENV
     shell:
-        LAYERSCOPE + " build-model --family {params.family} --arch {params.arch} --seed {params.seed} --out {output} > {log} 2>&1"
+        "layerscope build-model --family {params.family} --arch {params.arch} --seed {params.seed} --out {output} > {log} 2>&1"
 
 
 rule dataset_index:
     output:
         "results/data/{dataset}/index.tsv",
-    params:
-        spec=lambda w: json.dumps(PLAN.dataset(w.dataset)),
     log:
         "results/logs/data/{dataset}.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
     conda:
         ENV
+    threads: 1
+    resources:
+        mem_mb=scaled(2000),
+        runtime=scaled(10),
+    params:
+        spec=lambda w: json.dumps(PLAN.dataset(w.dataset)),
     shell:
-        LAYERSCOPE + " dataset-index --name {wildcards.dataset} --spec {params.spec:q} --out {output} > {log} 2>&1"
+        "layerscope dataset-index --name {wildcards.dataset} --spec {params.spec:q} --out {output} > {log} 2>&1"

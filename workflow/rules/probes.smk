@@ -14,19 +14,19 @@ for _probe, _impl in PLAN.probes.items():
             lambda w, p=_probe: PLAN.shard_inputs(p, w.model),
         output:
             f"results/{_probe}/specs/{{model}}.json",
-        params:
-            spec=lambda w, p=_probe: PLAN.base_spec_json(p, w.model),
         log:
             f"results/logs/{_probe}/specs/{{model}}.log",
         localrule: True
-        threads: 1
-        resources:
-            mem_mb=1000,
-            runtime=5,
         conda:
             ENV
+        threads: 1
+        resources:
+            mem_mb=scaled(1000),
+            runtime=scaled(5),
+        params:
+            spec=lambda w, p=_probe: PLAN.base_spec_json(p, w.model),
         shell:
-            LAYERSCOPE + " write-spec --spec {params.spec:q} --out {output} > {log} 2>&1"
+            "layerscope write-spec --spec {params.spec:q} --out {output} > {log} 2>&1"
 
     # static input and no per-job functions: a 10,000-shard dry run stays close to a bare Snakefile's
     rule:
@@ -35,17 +35,17 @@ for _probe, _impl in PLAN.probes.items():
         input:
             spec=f"results/{_probe}/specs/{{model}}.json",
         output:
-            shard=f"results/{_probe}/shards/{{model}}/{{shard}}.h5",
             **extra_outputs(_probe, _impl),
+            shard=f"results/{_probe}/shards/{{model}}/{{shard}}.h5",
         log:
             f"results/logs/{_probe}/shards/{{model}}/{{shard}}.log",
+        conda:
+            ENV
         threads: PLAN.threads(_probe)
         resources:
             **probe_resources(_probe, 1 if _impl.gpu else 0),
-        conda:
-            ENV
         shell:
-            LAYERSCOPE + " run-shard --spec @{input.spec} --shard {wildcards.shard} --threads {threads}"
+            "layerscope run-shard --spec @{input.spec} --shard {wildcards.shard} --threads {threads}"
             " --out {output.shard} > {log} 2>&1"
 
     rule:
@@ -58,19 +58,19 @@ for _probe, _impl in PLAN.probes.items():
             shards=lambda w, p=_probe: PLAN.shard_paths(p, w.model),
         output:
             [f"results/{_probe}/tables/{{model}}/{t}.csv" for t in _impl.tables],
+        log:
+            f"results/logs/{_probe}/merge/{{model}}.log",
+        conda:
+            ENV
+        threads: 1
+        resources:
+            mem_mb=scaled(4000),
+            runtime=scaled(30),
         params:
             probe=_probe,
             expect=lambda w, p=_probe: PLAN.config_hash(p, w.model),
-        log:
-            f"results/logs/{_probe}/merge/{{model}}.log",
-        threads: 1
-        resources:
-            mem_mb=4000,
-            runtime=30,
-        conda:
-            ENV
         shell:
-            LAYERSCOPE + " merge --probe {params.probe} --model {wildcards.model} --expect-hash {params.expect}"
+            "layerscope merge --probe {params.probe} --model {wildcards.model} --expect-hash {params.expect}"
             " --out-dir results/{params.probe}/tables/{wildcards.model} {input.shards} > {log} 2>&1"
 
     rule:
@@ -87,18 +87,18 @@ for _probe, _impl in PLAN.probes.items():
                 )
                 for f in _impl.figures
             ],
+        log:
+            f"results/logs/{_probe}/figures.log",
+        conda:
+            ENV
+        threads: 1
+        resources:
+            mem_mb=scaled(4000),
+            runtime=scaled(30),
         params:
             probe=_probe,
             tables=lambda w, p=_probe: [f"results/{p}/tables/{m}" for m in PLAN.models_of(p)],
             caption=lambda w: f"(config {', '.join(map(str, workflow.configfiles)) or 'config.yaml'})",
-        log:
-            f"results/logs/{_probe}/figures.log",
-        threads: 1
-        resources:
-            mem_mb=4000,
-            runtime=30,
-        conda:
-            ENV
         shell:
-            LAYERSCOPE + " plot --probe {params.probe} --out-dir results/{params.probe}/figures"
+            "layerscope plot --probe {params.probe} --out-dir results/{params.probe}/figures"
             " --caption {params.caption:q} {params.tables} > {log} 2>&1"
