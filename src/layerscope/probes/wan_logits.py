@@ -135,6 +135,12 @@ class WanLogits(Probe):
             "seed": [str(int(s)) for s in cfg["seeds"]],
         }
 
+    def extra_outputs(self, probe_cfg: Mapping[str, Any]) -> dict[str, str]:
+        """The full-logits sidecar, when asked for: declared so Snakemake removes it with a failed shard."""
+        if probe_cfg.get("save_logits"):
+            return {"logits": "results/wan_logits/shards/{model}/{shard}.logits.h5"}
+        return {}
+
     def check_config(self, probe_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         from layerscope.plan import ConfigError
 
