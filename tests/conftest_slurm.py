@@ -27,7 +27,7 @@ PROFILE = REPO / "profiles" / "slurm"
 # quiet check). A job here takes ~4-6 s (the in-job Snakemake start), so 6 s catches most at the
 # first check; the profile's own value (suited to real clusters) is overridden only in tests.
 STATUS_CHECK_SECONDS = 6
-SACCT_FIELDS = ("JobID", "JobName", "Comment", "State", "ExitCode", "ReqTRES", "AllocTRES")
+SACCT_FIELDS = ("JobID", "JobName", "Comment", "State", "ExitCode", "ReqTRES", "AllocTRES", "Timelimit")
 
 
 @dataclass

@@ -53,7 +53,7 @@ def shard_lines(wd: Path) -> dict[str, dict[str, str]]:
 
 
 @pytest.mark.slurm
-def test_each_job_is_a_slurm_job_with_gpu_request_and_retry_doubles_memory(slurm_cluster, tmp_path):
+def test_each_job_is_a_slurm_job_with_gpu_request_and_retry_doubles_memory_and_time(slurm_cluster, tmp_path):
     once = tmp_path / "once"
     once.mkdir()
     wd = tmp_path / "wd"
@@ -65,9 +65,11 @@ def test_each_job_is_a_slurm_job_with_gpu_request_and_retry_doubles_memory(slurm
     seen = shard_lines(wd)
     for s in "ab":
         attempts = sorted(jobs[SHARD_COMMENT.format(s)], key=lambda j: int(j["JobID"]))
-        # the profile's retries: 1 resubmits the failed first attempt with attempt=2: twice the memory
+        # the profile's retries: 1 resubmits the failed first attempt with attempt=2: twice the
+        # memory and twice the time limit
         assert [j["State"] for j in attempts] == ["FAILED", "COMPLETED"], attempts
         assert [tres(j["ReqTRES"])["mem"] for j in attempts] == ["2000M", "4000M"]
+        assert [j["Timelimit"] for j in attempts] == ["00:30:00", "01:00:00"]
         for j in attempts:
             assert tres(j["ReqTRES"])["gres/gpu"] == "1" and tres(j["AllocTRES"])["gres/gpu"] == "1", j
         # the output was written inside that very SLURM job, which saw its GPU

@@ -117,6 +117,21 @@ def test_injected_shard_failure_leaves_no_output_and_single_shard_rerun_recovers
     assert job_counts(dry.stdout) == {"dinov3_channels_merge": 1, "dinov3_channels_figures": 1, "all": 1}
 
 
+def test_retry_doubles_shard_memory_and_runtime(study):
+    """The profile's `retries`: the second attempt of a failed shard asks for twice the memory and
+    twice the time (the config's defaults: 8000 MB, 60 min), so OOM and TIMEOUT get a real retry."""
+    r = run_snakemake(study, "--forcerun", SHARD.format(0), "--retries", "1", "--allowed-rules",
+                      "dinov3_channels_shard", config=study / "study.yaml", check=False,
+                      env={"LAYERSCOPE_FAULT": "fail:*slice-0of2.h5"})
+    assert r.returncode != 0
+    log = r.stdout + r.stderr
+    res = re.findall(r"resources: (.*)", log)
+    got = [(int(re.search(r"mem_mb=(\d+)", x).group(1)), int(re.search(r"runtime=(\d+)", x).group(1)))
+           for x in res]
+    assert got == [(8000, 60), (16000, 120)], log[-3000:]
+    run_snakemake(study, SHARD.format(0), config=study / "study.yaml")
+
+
 def test_bad_config_fails_dry_run_with_field_named(tmp_path, study):
     cfg = yaml.safe_load((study / "study.yaml").read_text())
     cfg["probes"]["dinov3_channels"]["slices"] = 0
