@@ -126,7 +126,7 @@ def test_topk_merge_is_exact_and_order_free(data):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_fused_summary_equals_separate_statistics(dtype):
-    from layerscope.stats import summarize
+    from layerscope.stats import _hist_from_bits, summarize
 
     rng = np.random.default_rng(5)
     x = torch.tensor(rng.standard_t(df=2, size=(300, 40)) * 3, dtype=dtype)
@@ -134,10 +134,15 @@ def test_fused_summary_equals_separate_statistics(dtype):
     x[8, 4] = 1e-9  # underflow bin
     x[9, 5] = 2.0**30  # overflow bin (finite)
     sid, tok = np.arange(300) // 6, np.arange(300) % 6
+    before = x.clone()
     mom, hist, tk = summarize(x, sid, tok, 8)
+    assert torch.equal(x, before)  # its in-place temporaries never touch the input
     xf = x if dtype in (torch.float32, torch.float64) else x.float()
     ref_h = MagnitudeHistogram.from_numpy(xf.double().numpy())
     np.testing.assert_array_equal(hist.counts, ref_h.counts)
+    if dtype != torch.bfloat16:  # the signed path of the bit histogram, input untouched too
+        np.testing.assert_array_equal(_hist_from_bits(x), ref_h.counts)
+        assert torch.equal(x, before)
     ref_t = TopK.from_numpy(xf.double().numpy(), sid, tok, 8)
     np.testing.assert_array_equal(tk.value, ref_t.value)
     np.testing.assert_array_equal(tk.channel, ref_t.channel)

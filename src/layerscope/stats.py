@@ -311,22 +311,30 @@ class TopK:
         return cls(k, *(np.asarray(d[n]) for n in ("topk_value", "topk_channel", "topk_sample", "topk_token")))
 
 
-def _hist_from_bits(x: "torch.Tensor", nonnegative: bool = False) -> np.ndarray:
+def _hist_from_bits(x: "torch.Tensor", nonnegative: bool = False, inplace: bool = False) -> np.ndarray:
     """Histogram of |x| read off the float's bits: exponent + top 3 mantissa bits is exactly
     'octave, then one of 8 linear sub-bins' - the bins of :class:`MagnitudeHistogram` - so no
-    transcendental is needed. Finite inputs only (Inf/NaN would land in the overflow bin)."""
+    transcendental is needed. The codes are counted as they are (2**11 of them for float32) and
+    the under- and overflow codes folded on the host: two fewer passes over x than clamping.
+    ``inplace`` reuses x's memory for the codes (x is then garbage). Finite inputs only (Inf/NaN
+    would land in the overflow bin)."""
     import torch
 
     if x.dtype == torch.float64:
-        bits = x.view(torch.int64) if nonnegative else x.view(torch.int64) & 0x7FFFFFFFFFFFFFFF
-        code = bits >> 49  # sign cleared: 11-bit exponent (bias 1023) + 3 mantissa bits
-        offset = (1023 + HIST_EXP_MIN) * HIST_SUB - 1
+        bits, shift, n_codes, offset = x.view(torch.int64), 49, 1 << 14, (1023 + HIST_EXP_MIN) * HIST_SUB - 1
+        mask = 0x7FFFFFFFFFFFFFFF
     else:
-        bits = x.view(torch.int32) if nonnegative else x.view(torch.int32) & 0x7FFFFFFF
-        code = bits >> 20  # sign cleared: 8-bit exponent (bias 127) + 3 mantissa bits
-        offset = (127 + HIST_EXP_MIN) * HIST_SUB - 1
-    idx = (code.reshape(-1) - offset).clamp_(0, HIST_NBINS - 1)
-    return _as_np(torch.bincount(idx, minlength=HIST_NBINS)).astype(np.int64)
+        bits, shift, n_codes, offset = x.view(torch.int32), 20, 1 << 11, (127 + HIST_EXP_MIN) * HIST_SUB - 1
+        mask = 0x7FFFFFFF
+    if not nonnegative:  # clear the sign bit (a new tensor, so x itself is untouched)
+        bits, inplace = bits & mask, True
+    code = bits.bitwise_right_shift_(shift) if inplace else bits >> shift
+    full = _as_np(torch.bincount(code.reshape(-1), minlength=n_codes)).astype(np.int64)
+    hist = np.empty(HIST_NBINS, dtype=np.int64)
+    hist[0] = full[: offset + 1].sum()
+    hist[1:-1] = full[offset + 1: offset + HIST_NBINS - 1]
+    hist[-1] = full[offset + HIST_NBINS - 1:].sum()
+    return hist
 
 
 def summarize(x: "torch.Tensor", sample_ids: np.ndarray, token_ids: np.ndarray, k: int) -> tuple[Moments, MagnitudeHistogram, TopK]:
@@ -352,12 +360,12 @@ def summarize(x: "torch.Tensor", sample_ids: np.ndarray, token_ids: np.ndarray, 
         return (Moments.from_tensor(x), MagnitudeHistogram.from_tensor(x), TopK.from_tensor(x, sample_ids, token_ids, k))
     mean = s / n
     d = x - mean
-    m2 = (ones @ (d * d)).reshape(-1)
+    m2 = (ones @ d.square_()).reshape(-1)  # in place: one temporary, not two
+    del d
     a = x.abs()
     max_abs = a.amax(dim=0)
     mom = Moments(np.full(c, n, dtype=np.int64), _as_np(mean).astype(np.float64),
                   _as_np(m2).astype(np.float64), _as_np(max_abs).astype(np.float64), np.zeros(c, dtype=np.int64))
-    hist = MagnitudeHistogram(_hist_from_bits(a, nonnegative=True))
     if c >= k:
         # every element >= the k-th largest channel maximum lies in a channel whose maximum reaches
         # it, so only those (about k) columns are searched
@@ -370,4 +378,5 @@ def summarize(x: "torch.Tensor", sample_ids: np.ndarray, token_ids: np.ndarray, 
         tk = TopK._select(k, v, cols, np.asarray(sample_ids)[rows], np.asarray(token_ids)[rows])
     else:
         tk = TopK.from_tensor(x, sample_ids, token_ids, k)
+    hist = MagnitudeHistogram(_hist_from_bits(a, nonnegative=True, inplace=True))  # last: a becomes codes
     return mom, hist, tk
