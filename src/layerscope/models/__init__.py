@@ -11,10 +11,11 @@ Family modules import torch at top level; this package's ``__init__`` does not.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from importlib import import_module
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 if TYPE_CHECKING:
     import torch
@@ -67,6 +68,22 @@ def source_of(model_cfg: Mapping[str, Any]) -> str:
     if not path.exists():
         raise ModelLoadError(f"model files not found: {path} (models.{model_cfg.get('name', '?')}.source)")
     return str(path)
+
+
+@contextmanager
+def loading(what: str, src: str, model_cfg: Mapping[str, Any]) -> Iterator[None]:
+    """Wrap a ``from_pretrained`` call: whatever a bad checkpoint raises (a truncated safetensors
+    file, a broken config.json, weights of the wrong shape, a missing subfolder) becomes one line
+    naming the source, the config field and the library's own first line, instead of a traceback
+    deep inside transformers or diffusers. The original exception stays chained for debugging."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every failure here is a load failure of `src`
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise ModelLoadError(f"cannot load {what} from {src} (models.{model_cfg.get('name', '?')}.source): "
+                             f"{type(e).__name__}: {first}") from e
 
 
 def set_threads(n: int) -> None:

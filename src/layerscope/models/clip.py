@@ -55,14 +55,12 @@ def build_tiny(arch: str, seed: int, out_dir: Path) -> None:
 def load(model_cfg: Mapping[str, Any], device: "torch.device", dtype: "torch.dtype") -> tuple[Any, Any]:
     from transformers import CLIPModel, CLIPProcessor
 
-    from layerscope.models import ModelLoadError, source_of
+    from layerscope.models import loading, source_of
 
     src = source_of(model_cfg)
-    try:
+    with loading("CLIP", src, model_cfg):
         model = CLIPModel.from_pretrained(src, dtype=dtype).to(device).eval()
         proc = CLIPProcessor.from_pretrained(src)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load CLIP from {src} (models.{model_cfg.get('name', '?')}.source): {e}") from None
     return model, proc
 
 

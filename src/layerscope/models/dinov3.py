@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import torch
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
-from layerscope.models import ModelLoadError, source_of
+from layerscope.models import ModelLoadError, loading, source_of
 
 # Tiny architectures for offline studies and tests (real ones load by hub id or path).
 TINY_ARCHS: dict[str, dict[str, Any]] = {
@@ -58,10 +58,8 @@ def load(model_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype)
     """Load through ``from_pretrained``; apply a peft LoRA adapter (its adapter_config.json says
     which modules and ranks) and merge it, since statistics need the adapted weights only."""
     src = source_of(model_cfg)
-    try:
+    with loading("DINOv3 weights", src, model_cfg):
         model = DINOv3ViTModel.from_pretrained(src, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load DINOv3 weights from {src}: {str(e).splitlines()[0]}") from None
     if model_cfg.get("lora"):
         from peft import PeftModel
 

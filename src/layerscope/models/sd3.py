@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from layerscope.models import ModelLoadError, source_of
+from layerscope.models import ModelLoadError, loading, source_of
 
 __all__ = [
     "TINY_ARCHS", "tiny_pipeline", "build_tiny", "build_tiny_lora", "load", "apply_lora", "parse_lora_target", "save_lora_adapter",
@@ -179,10 +179,8 @@ def load(model_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype)
         no_t5 = False
     if no_t5 or not model_cfg.get("t5", True):
         kw.update(text_encoder_3=None, tokenizer_3=None)
-    try:
+    with loading("an SD3 pipeline", src, model_cfg):
         pipe = StableDiffusion3Pipeline.from_pretrained(src, dtype=dtype, **kw)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelLoadError(f"cannot load an SD3 pipeline from {src}: {str(e).splitlines()[0]}") from None
     if model_cfg.get("lora"):
         apply_lora(pipe.transformer, model_cfg["lora"], model_cfg.get("lora_target"))
     pipe.set_progress_bar_config(disable=True)

@@ -211,13 +211,11 @@ def load(model_cfg: Mapping[str, Any], device: "torch.device", dtype: "torch.dty
     """
     from diffusers import DiffusionPipeline
 
-    from layerscope.models import ModelLoadError, source_of
+    from layerscope.models import ModelLoadError, loading, source_of
 
     src = source_of(model_cfg)
-    try:
+    with loading("a diffusers pipeline", src, model_cfg):
         pipe = DiffusionPipeline.from_pretrained(src, dtype=dtype)
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise ModelLoadError(f"cannot load pipeline from {src} (models.{model_cfg.get('name', '?')}.source): {e}") from None
     if not hasattr(pipe, "unet"):
         raise ModelLoadError(f"{src}: pipeline {type(pipe).__name__} has no UNet (family sdxl needs a UNet pipeline)")
     if model_cfg.get("lora"):

@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from layerscope.models import ModelLoadError, source_of
+from layerscope.models import ModelLoadError, loading, source_of
 
 __all__ = [
     "TINY_ARCHS", "build_tiny", "load", "WanBundle", "encode_prompt", "convert_original_to_diffusers",
@@ -136,7 +136,8 @@ def load(model_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype)
     is_dir = Path(src).is_dir()
     if is_dir and not (Path(src) / "transformer").is_dir():
         raise ModelLoadError(f"{src}: not a Wan pipeline folder (no transformer/ subfolder)")
-    transformer = WanTransformer3DModel.from_pretrained(src, subfolder="transformer", torch_dtype=dtype)
+    with loading("the Wan transformer", src, model_cfg):
+        transformer = WanTransformer3DModel.from_pretrained(src, subfolder="transformer", torch_dtype=dtype)
     ckpt = model_cfg.get("checkpoint")
     if ckpt:
         load_self_forcing_checkpoint(transformer, ckpt, use_ema=bool(model_cfg.get("use_ema", True)))
@@ -148,8 +149,9 @@ def load(model_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype)
     if has_text:
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        text_encoder = UMT5EncoderModel.from_pretrained(src, subfolder="text_encoder", torch_dtype=dtype).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(src, subfolder="tokenizer")
+        with loading("the Wan text encoder and tokenizer", src, model_cfg):
+            text_encoder = UMT5EncoderModel.from_pretrained(src, subfolder="text_encoder", torch_dtype=dtype).to(device).eval()
+            tokenizer = AutoTokenizer.from_pretrained(src, subfolder="tokenizer")
     return WanBundle(transformer, text_encoder, tokenizer, src, str(ckpt) if ckpt else None)
 
 
