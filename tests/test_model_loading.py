@@ -64,3 +64,18 @@ def test_shard_with_bad_weights_prints_one_line_and_writes_nothing(tiny_dirs, ph
     assert len(err) == 1, err
     assert err[0].startswith(f"layerscope: error: cannot load DINOv3 weights from {bad} (models.broken.source): "), err
     assert weights.exists() and not out.exists() and not list(out.parent.glob("*"))
+
+
+def test_truncated_lora_adapter_names_the_lora_field(tiny_dirs, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import DINOv3ViTModel
+
+    base = DINOv3ViTModel.from_pretrained(tiny_dirs["dinov3"])
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
+    cfg = {"name": "tuned", "family": "dinov3", "kind": "path", "path": str(tiny_dirs["dinov3"]),
+           "lora": str(tmp_path / "adapter")}
+    family_module("dinov3").load(cfg, torch.device("cpu"), torch.float32)  # intact: loads
+    w = tmp_path / "adapter" / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:50])
+    with pytest.raises(ModelLoadError, match=r"^cannot load the LoRA adapter from .*adapter \(models\.tuned\.lora\): "):
+        family_module("dinov3").load(cfg, torch.device("cpu"), torch.float32)

@@ -71,7 +71,7 @@ def source_of(model_cfg: Mapping[str, Any]) -> str:
 
 
 @contextmanager
-def loading(what: str, src: str, model_cfg: Mapping[str, Any]) -> Iterator[None]:
+def loading(what: str, src: str | Path, field: str) -> Iterator[None]:
     """Wrap a ``from_pretrained`` call: whatever a bad checkpoint raises (a truncated safetensors
     file, a broken config.json, weights of the wrong shape, a missing subfolder) becomes one line
     naming the source, the config field and the library's own first line, instead of a traceback
@@ -82,8 +82,12 @@ def loading(what: str, src: str, model_cfg: Mapping[str, Any]) -> Iterator[None]
         raise
     except Exception as e:  # noqa: BLE001 - every failure here is a load failure of `src`
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-        raise ModelLoadError(f"cannot load {what} from {src} (models.{model_cfg.get('name', '?')}.source): "
-                             f"{type(e).__name__}: {first}") from e
+        raise ModelLoadError(f"cannot load {what} from {src} ({field}): {type(e).__name__}: {first}") from e
+
+
+def config_field(model_cfg: Mapping[str, Any], key: str = "source") -> str:
+    """The config field a model setting came from, for error messages: ``models.<name>.<key>``."""
+    return f"models.{model_cfg.get('name', '*')}.{key}"
 
 
 def set_threads(n: int) -> None:

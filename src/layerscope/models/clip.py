@@ -55,10 +55,10 @@ def build_tiny(arch: str, seed: int, out_dir: Path) -> None:
 def load(model_cfg: Mapping[str, Any], device: "torch.device", dtype: "torch.dtype") -> tuple[Any, Any]:
     from transformers import CLIPModel, CLIPProcessor
 
-    from layerscope.models import loading, source_of
+    from layerscope.models import config_field, loading, source_of
 
     src = source_of(model_cfg)
-    with loading("CLIP", src, model_cfg):
+    with loading("CLIP", src, config_field(model_cfg)):
         model = CLIPModel.from_pretrained(src, dtype=dtype).to(device).eval()
         proc = CLIPProcessor.from_pretrained(src)
     return model, proc

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import torch
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
-from layerscope.models import ModelLoadError, loading, source_of
+from layerscope.models import ModelLoadError, config_field, loading, source_of
 
 # Tiny architectures for offline studies and tests (real ones load by hub id or path).
 TINY_ARCHS: dict[str, dict[str, Any]] = {
@@ -58,18 +58,16 @@ def load(model_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype)
     """Load through ``from_pretrained``; apply a peft LoRA adapter (its adapter_config.json says
     which modules and ranks) and merge it, since statistics need the adapted weights only."""
     src = source_of(model_cfg)
-    with loading("DINOv3 weights", src, model_cfg):
+    with loading("DINOv3 weights", src, config_field(model_cfg)):
         model = DINOv3ViTModel.from_pretrained(src, dtype=dtype)
     if model_cfg.get("lora"):
         from peft import PeftModel
 
         lora = Path(model_cfg["lora"])
         if not (lora / "adapter_config.json").is_file():
-            raise ModelLoadError(f"models.*.lora: {lora} has no adapter_config.json (expected a peft adapter directory)")
-        try:
+            raise ModelLoadError(f"{config_field(model_cfg, 'lora')}: {lora} has no adapter_config.json (expected a peft adapter directory)")
+        with loading("the LoRA adapter", lora, config_field(model_cfg, "lora")):
             model = PeftModel.from_pretrained(model, str(lora)).merge_and_unload()
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise ModelLoadError(f"cannot apply LoRA adapter {lora}: {str(e).splitlines()[0]}") from None
     return model.to(device).eval()
 
 

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from layerscope.models import ModelLoadError, loading, source_of
+from layerscope.models import ModelLoadError, config_field, loading, source_of
 
 __all__ = [
     "TINY_ARCHS", "tiny_pipeline", "build_tiny", "build_tiny_lora", "load", "apply_lora", "parse_lora_target", "save_lora_adapter",
@@ -179,7 +179,7 @@ def load(model_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype)
         no_t5 = False
     if no_t5 or not model_cfg.get("t5", True):
         kw.update(text_encoder_3=None, tokenizer_3=None)
-    with loading("an SD3 pipeline", src, model_cfg):
+    with loading("an SD3 pipeline", src, config_field(model_cfg)):
         pipe = StableDiffusion3Pipeline.from_pretrained(src, dtype=dtype, **kw)
     if model_cfg.get("lora"):
         apply_lora(pipe.transformer, model_cfg["lora"], model_cfg.get("lora_target"))
@@ -253,7 +253,8 @@ def apply_lora(transformer: torch.nn.Module, adapter_dir: str | Path, target: st
         config = LoraConfig.from_pretrained(str(adapter_dir))
     except (ValueError, TypeError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{cfg_file}: not a LoRA config ({e})") from None
-    state = load_file(str(weights)) if weights.suffix == ".safetensors" else torch.load(weights, map_location="cpu")
+    with loading("the LoRA weights", weights, "models.*.lora"):
+        state = load_file(str(weights)) if weights.suffix == ".safetensors" else torch.load(weights, map_location="cpu")
     state = {k.removeprefix("base_model.model.").removeprefix("transformer."): v for k, v in state.items()}
     adapted = sorted({_target_of(k) for k in state})
     override = parse_lora_target(target)

@@ -211,10 +211,10 @@ def load(model_cfg: Mapping[str, Any], device: "torch.device", dtype: "torch.dty
     """
     from diffusers import DiffusionPipeline
 
-    from layerscope.models import ModelLoadError, loading, source_of
+    from layerscope.models import ModelLoadError, config_field, loading, source_of
 
     src = source_of(model_cfg)
-    with loading("a diffusers pipeline", src, model_cfg):
+    with loading("a diffusers pipeline", src, config_field(model_cfg)):
         pipe = DiffusionPipeline.from_pretrained(src, dtype=dtype)
     if not hasattr(pipe, "unet"):
         raise ModelLoadError(f"{src}: pipeline {type(pipe).__name__} has no UNet (family sdxl needs a UNet pipeline)")

@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from layerscope.models import ModelLoadError, loading, source_of
+from layerscope.models import ModelLoadError, config_field, loading, source_of
 
 __all__ = [
     "TINY_ARCHS", "build_tiny", "load", "WanBundle", "encode_prompt", "convert_original_to_diffusers",
@@ -136,7 +136,7 @@ def load(model_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype)
     is_dir = Path(src).is_dir()
     if is_dir and not (Path(src) / "transformer").is_dir():
         raise ModelLoadError(f"{src}: not a Wan pipeline folder (no transformer/ subfolder)")
-    with loading("the Wan transformer", src, model_cfg):
+    with loading("the Wan transformer", src, config_field(model_cfg)):
         transformer = WanTransformer3DModel.from_pretrained(src, subfolder="transformer", torch_dtype=dtype)
     ckpt = model_cfg.get("checkpoint")
     if ckpt:
@@ -149,7 +149,7 @@ def load(model_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype)
     if has_text:
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        with loading("the Wan text encoder and tokenizer", src, model_cfg):
+        with loading("the Wan text encoder and tokenizer", src, config_field(model_cfg)):
             text_encoder = UMT5EncoderModel.from_pretrained(src, subfolder="text_encoder", torch_dtype=dtype).to(device).eval()
             tokenizer = AutoTokenizer.from_pretrained(src, subfolder="tokenizer")
     return WanBundle(transformer, text_encoder, tokenizer, src, str(ckpt) if ckpt else None)
@@ -163,10 +163,11 @@ def _apply_lora(model: torch.nn.Module, lora_dir: str) -> None:
     cfg_file, w_file = d / "adapter_config.json", d / "adapter_model.safetensors"
     if not cfg_file.is_file() or not w_file.is_file():
         raise ModelLoadError(f"lora {d}: expected adapter_config.json and adapter_model.safetensors")
-    cfg = json.loads(cfg_file.read_text())
-    keep = {k: v for k, v in cfg.items() if k in LoraConfig.__dataclass_fields__}
-    inject_adapter_in_model(LoraConfig(**keep), model)
-    res = set_peft_model_state_dict(model, load_file(str(w_file)))
+    with loading("the LoRA adapter", d, "models.*.lora"):
+        cfg = json.loads(cfg_file.read_text())
+        keep = {k: v for k, v in cfg.items() if k in LoraConfig.__dataclass_fields__}
+        inject_adapter_in_model(LoraConfig(**keep), model)
+        res = set_peft_model_state_dict(model, load_file(str(w_file)))
     if getattr(res, "unexpected_keys", None):
         raise ModelLoadError(f"lora {d}: weights do not match the model ({res.unexpected_keys[:3]} ...)")
 
