@@ -6,10 +6,15 @@ import copy
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 import yaml
 
 from layerscope.plan import ConfigError, Plan, load_config, parse_shard_label, shard_label, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+README, DOCS = str(REPO / "README.md"), str(REPO / "docs")
 
 
 @pytest.fixture
@@ -58,6 +63,12 @@ def test_schema_errors_name_the_field(cfg, edit, field):
     (lambda c: c["models"]["dinov3_tiny"].__setitem__("source", "/no/such/dir"), "models.dinov3_tiny.source: path '/no/such/dir' does not exist"),
     (lambda c: c["models"]["dinov3_tiny"].__setitem__("lora", "missing_adapter"), "models.dinov3_tiny.lora: path 'missing_adapter' does not exist"),
     (lambda c: c["models"]["dinov3_tiny"].__setitem__("family", "sd3"), "is family 'sd3', this probe takes dinov3"),
+    (lambda c: c["models"]["dinov3_tiny"].__setitem__("source", README),
+     f"models.dinov3_tiny.source: '{README}' is a file; expected a model or pipeline folder saved with save_pretrained"),
+    (lambda c: c["models"]["dinov3_tiny"].__setitem__("source", DOCS),
+     f"models.dinov3_tiny.source: '{DOCS}' has no config.json, model_index.json or transformer/config.json"),
+    (lambda c: c["models"]["dinov3_tiny"].__setitem__("lora", DOCS),
+     f"models.dinov3_tiny.lora: '{DOCS}' has no adapter_config.json; expected a peft adapter folder"),
 ])
 def test_semantic_errors_name_the_field(cfg, edit, needle):
     c = copy.deepcopy(cfg)

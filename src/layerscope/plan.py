@@ -152,10 +152,27 @@ class Plan:
             out.update(kind="hub", hub_id=src[4:], path=None)
         else:
             out.update(kind="path", path=self._check_path(f"models.{name}.source", src))
+            self._check_folder(f"models.{name}.source", out["path"], ("config.json", "model_index.json", "transformer/config.json"),
+                               "a model or pipeline folder saved with save_pretrained")
         for key in ("lora", "checkpoint"):  # extra weight files: checked now, shard inputs later
             if mcfg.get(key):
                 out[key] = self._check_path(f"models.{name}.{key}", str(mcfg[key]))
+        if mcfg.get("lora"):
+            self._check_folder(f"models.{name}.lora", out["lora"], ("adapter_config.json",), "a peft adapter folder")
         return out
+
+    def _check_folder(self, field: str, value: str, markers: tuple[str, ...], what: str) -> None:
+        """A model or adapter folder must carry the file its loader reads first; caught here, a wrong
+        path fails the dry run instead of every shard job on the cluster. Folders the study itself
+        makes (under results/) do not exist yet and are skipped."""
+        p = Path(os.path.expanduser(value))
+        rel = p if p.is_absolute() else self.workdir / p
+        if not rel.exists():
+            return
+        if not rel.is_dir():
+            raise ConfigError(f"config field {field}: '{value}' is a file; expected {what} (a folder)")
+        if not any((rel / m).is_file() for m in markers):
+            raise ConfigError(f"config field {field}: '{value}' has no {', '.join(markers[:-1])}{' or ' if len(markers) > 1 else ''}{markers[-1]}; expected {what}")
 
     def model(self, name: str) -> dict[str, Any]:
         return self._models[name]
