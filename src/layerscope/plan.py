@@ -133,9 +133,13 @@ class Plan:
             self._plan_probe(pname, probe, pcfg)
 
     # ---- models and datasets ----
-    def _check_path(self, field: str, value: str) -> str:
+    def _on_disk(self, value: str) -> tuple[Path, Path]:
+        """A configured path as written (user expanded) and where it lies from the working directory."""
         p = Path(os.path.expanduser(value))
-        rel = p if p.is_absolute() else self.workdir / p
+        return p, (p if p.is_absolute() else self.workdir / p)
+
+    def _check_path(self, field: str, value: str) -> str:
+        p, rel = self._on_disk(value)
         produced = not p.is_absolute() and p.parts[:1] == (RESULTS,)  # made by another rule of the study
         if not produced and not rel.exists():
             raise ConfigError(f"config field {field}: path '{value}' does not exist (a hub id needs the 'hub:' prefix)")
@@ -165,8 +169,7 @@ class Plan:
         """A model or adapter folder must carry the file its loader reads first; caught here, a wrong
         path fails the dry run instead of every shard job on the cluster. Folders the study itself
         makes (under results/) do not exist yet and are skipped."""
-        p = Path(os.path.expanduser(value))
-        rel = p if p.is_absolute() else self.workdir / p
+        _, rel = self._on_disk(value)
         if not rel.exists():
             return
         if not rel.is_dir():

@@ -194,49 +194,48 @@ def encode_prompt(bundle: WanBundle, prompts: Sequence[str], max_sequence_length
 # original Wan / Self-Forcing key names <-> diffusers names
 # ---------------------------------------------------------------------------------------------
 
-# (original regex, diffusers template); applied to the key with any wrapper prefix removed.
+# (original, diffusers) key templates, {i} a block index and {p} weight|bias; both directions of
+# the conversion are built from this one list, so they cannot drift apart. Keys are matched with
+# any wrapper prefix removed.
 _ATTN = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0", "norm_q": "norm_q", "norm_k": "norm_k",
          "k_img": "add_k_proj", "v_img": "add_v_proj", "norm_k_img": "norm_added_k"}
-_O2D: list[tuple[re.Pattern[str], str]] = [(re.compile(p), t) for p, t in [
-    (r"^patch_embedding\.(weight|bias)$", r"patch_embedding.\1"),
-    (r"^text_embedding\.0\.(weight|bias)$", r"condition_embedder.text_embedder.linear_1.\1"),
-    (r"^text_embedding\.2\.(weight|bias)$", r"condition_embedder.text_embedder.linear_2.\1"),
-    (r"^time_embedding\.0\.(weight|bias)$", r"condition_embedder.time_embedder.linear_1.\1"),
-    (r"^time_embedding\.2\.(weight|bias)$", r"condition_embedder.time_embedder.linear_2.\1"),
-    (r"^time_projection\.1\.(weight|bias)$", r"condition_embedder.time_proj.\1"),
-    (r"^head\.head\.(weight|bias)$", r"proj_out.\1"),
-    (r"^head\.modulation$", r"scale_shift_table"),
-    (r"^blocks\.(\d+)\.modulation$", r"blocks.\1.scale_shift_table"),
+_KEYS: list[tuple[str, str]] = [
+    ("patch_embedding.{p}", "patch_embedding.{p}"),
+    ("text_embedding.0.{p}", "condition_embedder.text_embedder.linear_1.{p}"),
+    ("text_embedding.2.{p}", "condition_embedder.text_embedder.linear_2.{p}"),
+    ("time_embedding.0.{p}", "condition_embedder.time_embedder.linear_1.{p}"),
+    ("time_embedding.2.{p}", "condition_embedder.time_embedder.linear_2.{p}"),
+    ("time_projection.1.{p}", "condition_embedder.time_proj.{p}"),
+    ("head.head.{p}", "proj_out.{p}"),
+    ("head.modulation", "scale_shift_table"),
+    ("blocks.{i}.modulation", "blocks.{i}.scale_shift_table"),
     # original norm3 is the (affine) norm before cross-attention: diffusers calls it norm2
-    (r"^blocks\.(\d+)\.norm3\.(weight|bias)$", r"blocks.\1.norm2.\2"),
-    (r"^blocks\.(\d+)\.ffn\.0\.(weight|bias)$", r"blocks.\1.ffn.net.0.proj.\2"),
-    (r"^blocks\.(\d+)\.ffn\.2\.(weight|bias)$", r"blocks.\1.ffn.net.2.\2"),
-    (r"^img_emb\.proj\.0\.(weight|bias)$", r"condition_embedder.image_embedder.norm1.\1"),
-    (r"^img_emb\.proj\.1\.(weight|bias)$", r"condition_embedder.image_embedder.ff.net.0.proj.\1"),
-    (r"^img_emb\.proj\.3\.(weight|bias)$", r"condition_embedder.image_embedder.ff.net.2.\1"),
-    (r"^img_emb\.proj\.4\.(weight|bias)$", r"condition_embedder.image_embedder.norm2.\1"),
-]] + [(re.compile(rf"^blocks\.(\d+)\.{orig}\.{name}\.(weight|bias)$"), rf"blocks.\1.{new}.{tgt}.\2")
-      for orig, new in (("self_attn", "attn1"), ("cross_attn", "attn2")) for name, tgt in _ATTN.items()]
+    ("blocks.{i}.norm3.{p}", "blocks.{i}.norm2.{p}"),
+    ("blocks.{i}.ffn.0.{p}", "blocks.{i}.ffn.net.0.proj.{p}"),
+    ("blocks.{i}.ffn.2.{p}", "blocks.{i}.ffn.net.2.{p}"),
+    ("img_emb.proj.0.{p}", "condition_embedder.image_embedder.norm1.{p}"),
+    ("img_emb.proj.1.{p}", "condition_embedder.image_embedder.ff.net.0.proj.{p}"),
+    ("img_emb.proj.3.{p}", "condition_embedder.image_embedder.ff.net.2.{p}"),
+    ("img_emb.proj.4.{p}", "condition_embedder.image_embedder.norm2.{p}"),
+] + [(f"blocks.{{i}}.{orig}.{name}.{{p}}", f"blocks.{{i}}.{new}.{tgt}.{{p}}")
+     for orig, new in (("self_attn", "attn1"), ("cross_attn", "attn2")) for name, tgt in _ATTN.items()]
+_GROUPS = {"i": r"(\d+)", "p": r"(weight|bias)"}
 
-_D2O: list[tuple[re.Pattern[str], str]] = [(re.compile(p), t) for p, t in [
-    (r"^patch_embedding\.(weight|bias)$", r"patch_embedding.\1"),
-    (r"^condition_embedder\.text_embedder\.linear_1\.(weight|bias)$", r"text_embedding.0.\1"),
-    (r"^condition_embedder\.text_embedder\.linear_2\.(weight|bias)$", r"text_embedding.2.\1"),
-    (r"^condition_embedder\.time_embedder\.linear_1\.(weight|bias)$", r"time_embedding.0.\1"),
-    (r"^condition_embedder\.time_embedder\.linear_2\.(weight|bias)$", r"time_embedding.2.\1"),
-    (r"^condition_embedder\.time_proj\.(weight|bias)$", r"time_projection.1.\1"),
-    (r"^proj_out\.(weight|bias)$", r"head.head.\1"),
-    (r"^scale_shift_table$", r"head.modulation"),
-    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
-    (r"^blocks\.(\d+)\.norm2\.(weight|bias)$", r"blocks.\1.norm3.\2"),
-    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.(weight|bias)$", r"blocks.\1.ffn.0.\2"),
-    (r"^blocks\.(\d+)\.ffn\.net\.2\.(weight|bias)$", r"blocks.\1.ffn.2.\2"),
-    (r"^condition_embedder\.image_embedder\.norm1\.(weight|bias)$", r"img_emb.proj.0.\1"),
-    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\.(weight|bias)$", r"img_emb.proj.1.\1"),
-    (r"^condition_embedder\.image_embedder\.ff\.net\.2\.(weight|bias)$", r"img_emb.proj.3.\1"),
-    (r"^condition_embedder\.image_embedder\.norm2\.(weight|bias)$", r"img_emb.proj.4.\1"),
-]] + [(re.compile(rf"^blocks\.(\d+)\.{new}\.{re.escape(tgt)}\.(weight|bias)$"), rf"blocks.\1.{orig}.{name}.\2")
-      for orig, new in (("self_attn", "attn1"), ("cross_attn", "attn2")) for name, tgt in _ATTN.items()]
+
+def _table(to_diffusers: bool) -> list[tuple[re.Pattern[str], str]]:
+    """(regex, replacement) per key template pair, in one direction."""
+    table = []
+    for orig, diff in _KEYS:
+        src, dst = (orig, diff) if to_diffusers else (diff, orig)
+        parts = re.split(r"\{(\w)\}", src)  # literal, name, literal, name, ..., literal
+        names = parts[1::2]
+        pattern = "".join(re.escape(x) if j % 2 == 0 else _GROUPS[x] for j, x in enumerate(parts))
+        repl = re.sub(r"\{(\w)\}", lambda m: "\\" + str(names.index(m.group(1)) + 1), dst)
+        table.append((re.compile(f"^{pattern}$"), repl))
+    return table
+
+
+_O2D, _D2O = _table(True), _table(False)
 
 # wrappers around the original model's keys: Self-Forcing's WanDiffusionWrapper ('model.'), ComfyUI
 # ('model.diffusion_model.'), FSDP and torch.compile.
