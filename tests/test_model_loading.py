@@ -59,7 +59,7 @@ def test_shard_with_bad_weights_prints_one_line_and_writes_nothing(tiny_dirs, ph
                      model_cfg={"name": "broken", "family": "dinov3", "kind": "path", "path": str(bad), "dtype": "fp32"},
                      datasets={"photos": {"kind": "skimage", "index": str(photos_index)}}, config_hash="h", device="cpu")
     out = tmp_path / "shards" / "slice-0of1.h5"
-    assert main(["run-shard", "--spec", json.dumps(spec.to_json_dict()), "--out", str(out)]) == 2
+    assert main(["run-shard", "--spec", json.dumps(spec.to_json_dict()), "--out", str(out)]) == ModelLoadError.exit_code
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1, err
     assert err[0].startswith(f"layerscope: error: cannot load DINOv3 weights from {bad} (models.broken.source): "), err

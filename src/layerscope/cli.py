@@ -51,6 +51,7 @@ def _inject_fault(out: Path) -> None:
 
 def cmd_run_shard(args: argparse.Namespace) -> None:
     from layerscope.data import index_digest
+    from layerscope.errors import ConfigError
     from layerscope.h5io import ShardWriter
     from layerscope.models import set_threads
     from layerscope.probes import get_probe
@@ -200,14 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from layerscope.data import DataError
-    from layerscope.h5io import ShardError
-    from layerscope.models import ModelLoadError
-    from layerscope.plan import ConfigError
+    from layerscope.errors import LayerscopeError
 
     try:
         args.func(args)
-    except (ConfigError, DataError, ModelLoadError, ShardError, FileNotFoundError) as e:
+    except LayerscopeError as e:
+        print(f"layerscope: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except FileNotFoundError as e:
         print(f"layerscope: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -41,8 +41,7 @@ SKIMAGE_PHOTOS: dict[str, str] = {
 }
 
 
-class DataError(ValueError):
-    """Bad dataset input; the message names the file."""
+from layerscope.errors import DataError  # noqa: E402  (re-exported)
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,7 @@ TMP_PREFIX = ".partial-"
 __all__ = ["FORMAT_VERSION", "ShardWriter", "Shard", "ShardError", "package_versions", "atomic_path", "rerun_command"]
 
 
-class ShardError(Exception):
-    """A shard that cannot be merged: corrupt, incomplete, foreign or mismatched."""
+from layerscope.errors import ShardError  # noqa: E402  (re-exported)
 
 
 def rerun_command(paths: list[str] | list[Path]) -> str:

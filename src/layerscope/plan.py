@@ -32,8 +32,7 @@ RESULTS = "results"
 __all__ = ["ConfigError", "Plan", "load_config", "validate_config", "shard_label", "parse_shard_label", "canonical_hash"]
 
 
-class ConfigError(ValueError):
-    """A bad config value; the message is one line that names the field."""
+from layerscope.errors import ConfigError  # noqa: E402  (re-exported)
 
 
 def canonical_hash(obj: Any) -> str:

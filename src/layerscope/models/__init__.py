@@ -29,8 +29,7 @@ FAMILIES: dict[str, str] = {
 }
 
 
-class ModelLoadError(RuntimeError):
-    """Weights or model files that cannot be loaded; the message names the file or field."""
+from layerscope.errors import ModelLoadError  # noqa: E402  (re-exported)
 
 
 def family_module(family: str) -> ModuleType:

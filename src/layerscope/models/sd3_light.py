@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from layerscope.errors import ConfigError
+
 if TYPE_CHECKING:
     from diffusers import SD3Transformer2DModel
 
@@ -50,7 +52,7 @@ __all__ = [
 LOSS_TYPES = ("mse", "pseudo_huber")
 
 
-class ReconConfigError(ValueError):
+class ReconConfigError(ConfigError):
     """A bad text-reconstruction or loss setting; the message names the config key."""
 
 

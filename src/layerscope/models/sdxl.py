@@ -23,6 +23,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from layerscope.errors import ConfigError
+
 if TYPE_CHECKING:
     import torch
     from diffusers import DiffusionPipeline
@@ -73,7 +75,7 @@ TINY_ARCHS: dict[str, dict[str, Any]] = {
 }
 
 
-class GroupConfigError(ValueError):
+class GroupConfigError(ConfigError):
     """A UNet config whose cross-attention groups cannot be derived without loading the model."""
 
 

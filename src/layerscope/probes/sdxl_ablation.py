@@ -47,7 +47,7 @@ def prompt_labels(prompts: Sequence[str]) -> list[str]:
 
 
 def _config_error(msg: str) -> Exception:
-    from layerscope.plan import ConfigError
+    from layerscope.errors import ConfigError
 
     return ConfigError(msg)
 
