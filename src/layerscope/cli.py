@@ -33,6 +33,15 @@ def _load_spec(text: str) -> dict[str, Any]:
     return json.loads(text)
 
 
+USER_ERROR_DIR = ".layerscope/user-errors"
+
+
+def user_error_marker(out: str | os.PathLike) -> str:
+    """Where ``run-shard`` notes that its output failed on bad input (relative to the working
+    directory): the workflow's resource callables read it so a retry does not double resources."""
+    return os.path.join(USER_ERROR_DIR, os.path.normpath(str(out)) + ".err")
+
+
 def _inject_fault(out: Path) -> None:
     """Fault injection for tests of the cluster path, through the environment (no code edits):
     LAYERSCOPE_FAULT='fail:<glob>' fails matching shards mid-write; 'sleep:<sec>:<glob>' stalls them."""
@@ -47,11 +56,15 @@ def _inject_fault(out: Path) -> None:
             time.sleep(float(secs))
     elif kind == "fail" and fnmatch.fnmatch(str(out), rest):
         raise RuntimeError(f"LAYERSCOPE_FAULT: injected failure in {out}")
+    elif kind == "usererror" and fnmatch.fnmatch(str(out), rest):
+        from layerscope.errors import ConfigError
+
+        raise ConfigError(f"config field probes: LAYERSCOPE_FAULT: injected user error in {out}")
 
 
 def cmd_run_shard(args: argparse.Namespace) -> None:
     from layerscope.data import index_digest
-    from layerscope.errors import ConfigError
+    from layerscope.errors import USER_ERROR_CODES, ConfigError, LayerscopeError
     from layerscope.h5io import ShardWriter
     from layerscope.models import set_threads
     from layerscope.probes import get_probe
@@ -68,6 +81,8 @@ def cmd_run_shard(args: argparse.Namespace) -> None:
     if args.threads:
         d["threads"] = args.threads
     spec = ShardSpec.from_json_dict(d)
+    # a shard job meeting bad settings (an old spec, a hand-edited one) names the field in one line
+    get_probe(spec.probe).settings(spec.probe_cfg)
     set_threads(spec.threads)
     probe = get_probe(spec.probe)
     digests = {name: index_digest(d["index"]) for name, d in spec.datasets.items() if d.get("index")}
@@ -77,10 +92,18 @@ def cmd_run_shard(args: argparse.Namespace) -> None:
     }
     t0 = time.perf_counter()
     out = Path(args.out)
-    with ShardWriter(out, prov) as w:
-        probe.run_shard(spec, w)
-        _inject_fault(out)
-        w.set_attr("seconds", time.perf_counter() - t0)
+    marker = Path(user_error_marker(out))
+    try:
+        with ShardWriter(out, prov) as w:
+            probe.run_shard(spec, w)
+            _inject_fault(out)
+            w.set_attr("seconds", time.perf_counter() - t0)
+    except LayerscopeError as e:
+        if e.exit_code in USER_ERROR_CODES:  # a retry at doubled resources cannot help: say so
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"{e}\n")
+        raise
+    marker.unlink(missing_ok=True)
     log.info("wrote %s in %.1f s", out, time.perf_counter() - t0)
 
 
@@ -112,7 +135,14 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 
 def cmd_build_model(args: argparse.Namespace) -> None:
-    from layerscope.models import build_tiny, set_threads
+    from layerscope.errors import ConfigError
+    from layerscope.models import FAMILIES, build_tiny, set_threads
+    from layerscope.settings import NAME_RE
+
+    if args.family not in FAMILIES:
+        raise ConfigError(f"--family: unknown model family {args.family!r}; known: {', '.join(sorted(FAMILIES))}")
+    if not NAME_RE.match(args.arch):
+        raise ConfigError(f"--arch: {args.arch!r} is not a tiny architecture name")
 
     set_threads(1)
     build_tiny(args.family, args.arch, args.seed, args.out)

@@ -8,7 +8,7 @@ data.  Kinds:
   written out as PNG files so the rest of the study treats them like any folder of images.
 * ``folder`` - every ``.png/.jpg/.jpeg/.webp/.bmp`` below ``path`` (sorted); captions from an
   optional TSV ``filename<TAB>caption``, else the file stem with '_' as spaces.
-* ``list`` - a text file of ``path<TAB>caption`` lines (caption optional; relative paths are
+* ``list`` - a text file of ``path<TAB>caption`` lines (both required; relative paths are
   relative to the list file).
 """
 
@@ -51,6 +51,46 @@ class Record:
     caption: str
 
 
+def _parse_tab_file(path: str | Path, field: str, first: str) -> list[tuple[int, str, str]]:
+    """(line number, first column, caption) of every ``<first><TAB>caption`` line; blank lines and
+    lines starting with '#' are skipped. Every other line must have exactly one TAB with text on
+    both sides: a malformed line is named with its number instead of turning into an empty caption."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{field}: {path.name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{field}: cannot read {path}: {e.strerror}") from None
+    rows: list[tuple[int, str, str]] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
+            raise DataError(f"{field}: {path.name} line {n}: expected '{first}<TAB>caption'")
+        rows.append((n, parts[0].strip(), parts[1].strip()))
+    return rows
+
+
+def parse_list_file(path: str | Path, field: str = "datasets.<name>.path") -> list[tuple[int, str, str]]:
+    """A ``list`` dataset's file: (line number, image path, caption) per line."""
+    rows = _parse_tab_file(path, field, "path")
+    if not rows:
+        raise DataError(f"{field}: {Path(path).name} lists no images")
+    return rows
+
+
+def parse_captions_file(path: str | Path, field: str = "datasets.<name>.captions") -> dict[str, str]:
+    """A ``folder`` dataset's captions TSV: file name -> caption; a repeated file name is refused."""
+    out: dict[str, str] = {}
+    for n, fname, cap in _parse_tab_file(path, field, "filename"):
+        if fname in out:
+            raise DataError(f"{field}: {Path(path).name} line {n}: file name '{fname}' is repeated")
+        out[fname] = cap
+    return out
+
+
 def build_index(name: str, ds: Mapping[str, Any], out: str | Path) -> Path:
     """Write the dataset's index TSV (and, for skimage, the images beside it)."""
     out = Path(out)
@@ -81,10 +121,7 @@ def build_index(name: str, ds: Mapping[str, Any], out: str | Path) -> Path:
             cap_file = Path(ds["captions"])
             if not cap_file.is_file():
                 raise DataError(f"datasets.{name}.captions: {cap_file} does not exist")
-            for line in cap_file.read_text().splitlines():
-                if line.strip():
-                    fname, _, cap = line.partition("\t")
-                    caps[fname] = cap
+            caps = parse_captions_file(cap_file, f"datasets.{name}.captions")
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DataError(f"datasets.{name}.path: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) below {root}")
@@ -94,17 +131,12 @@ def build_index(name: str, ds: Mapping[str, Any], out: str | Path) -> Path:
         lst = Path(ds["path"])
         if not lst.is_file():
             raise DataError(f"datasets.{name}.path: {lst} does not exist")
-        for n, line in enumerate(lst.read_text().splitlines(), 1):
-            if not line.strip() or line.startswith("#"):
-                continue
-            path, _, cap = line.partition("\t")
+        for n, path, cap in parse_list_file(lst, f"datasets.{name}.path"):
             p = Path(path)
             p = p if p.is_absolute() else lst.parent / p
             if not p.is_file():
-                raise DataError(f"{lst}:{n}: image {p} does not exist")
+                raise DataError(f"datasets.{name}.path: {lst.name} line {n}: image {p} does not exist")
             rows.append((str(p.resolve()), cap))
-        if not rows:
-            raise DataError(f"datasets.{name}.path: {lst} lists no images")
     else:
         raise DataError(f"datasets.{name}.kind: unknown kind {kind!r}")
     tmp = out.with_name(f".partial-{out.name}")

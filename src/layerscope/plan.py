@@ -13,10 +13,11 @@ that shard, and the merge can check a shard's recorded axes against its file nam
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,13 +27,14 @@ from layerscope.probes import PROBES, get_probe
 from layerscope.probes.base import LABEL_RE, Probe, ShardSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SCHEMA = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 RESULTS = "results"
 
-__all__ = ["ConfigError", "Plan", "load_config", "validate_config", "shard_label", "parse_shard_label", "canonical_hash"]
+__all__ = ["ConfigError", "Plan", "load_config", "validate_config", "shard_label", "parse_shard_label", "canonical_hash",
+           "arch_config"]
 
 
-from layerscope.errors import ConfigError  # noqa: E402  (re-exported)
+from layerscope.errors import ConfigError, DataError  # noqa: E402  (re-exported)
+from layerscope.settings import SCHEMA, NAME_RE, NAME_RULE, format_validation_error, validate_config  # noqa: E402,F401
 
 
 def canonical_hash(obj: Any) -> str:
@@ -52,41 +54,107 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
-def format_validation_error(err: Any) -> str:
-    """One line naming the field: 'probes.dinov3_channels.slices: 0 is less than the minimum of 1'."""
-    path = ".".join(str(p) for p in err.absolute_path) or "<top level>"
-    return f"config field {path}: {err.message}"
+# ---------------------------------------------------------------- architecture facts, without torch
+def _static_eval(node: ast.AST, env: Mapping[str, Any]) -> Any:
+    """Evaluate the literal subset the family modules use for TINY_ARCHS: literals, dict(...) calls,
+    names bound earlier, subscripts and + of those. Anything else is unknown (raises ValueError)."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
+        return {kw.arg: _static_eval(kw.value, env) for kw in node.keywords if kw.arg}
+    if isinstance(node, ast.Dict):
+        return {_static_eval(k, env): _static_eval(v, env) for k, v in zip(node.keys, node.values) if k is not None}
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_static_eval(e, env) for e in node.elts]
+    if isinstance(node, ast.Name):
+        if node.id in env:
+            return env[node.id]
+        raise ValueError(node.id)
+    if isinstance(node, ast.Subscript):
+        return _static_eval(node.value, env)[_static_eval(node.slice, env)]
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+        a, b = _static_eval(node.left, env), _static_eval(node.right, env)
+        return a + b if isinstance(node.op, ast.Add) else a * b
+    return ast.literal_eval(node)
 
 
-def validate_config(config: dict[str, Any], schema_path: str | os.PathLike = SCHEMA) -> None:
-    """Validate against the JSON schema (filling defaults in place), outside Snakemake."""
-    import jsonschema
-    from jsonschema import Draft202012Validator, validators
-    from referencing import Registry, Resource
+@lru_cache(maxsize=None)
+def tiny_archs(family: str) -> dict[str, Any]:
+    """A family's ``TINY_ARCHS`` read from its module's source (the modules import torch, the
+    planner must not): entries that are not plain literals come back partially or not at all."""
+    src = Path(__file__).resolve().parent / "models" / f"{family}.py"
+    env: dict[str, Any] = {}
+    try:
+        tree = ast.parse(src.read_text())
+    except (OSError, SyntaxError):
+        return {}
+    for node in tree.body:
+        targets = [node.target] if isinstance(node, ast.AnnAssign) else getattr(node, "targets", [])
+        value = getattr(node, "value", None)
+        if value is None or len(targets) != 1 or not isinstance(targets[0], ast.Name):
+            continue
+        try:
+            env[targets[0].id] = _static_eval(value, env)
+        except (ValueError, KeyError, TypeError, SyntaxError):
+            continue
+    archs = env.get("TINY_ARCHS")
+    return archs if isinstance(archs, dict) else {}
 
-    schema_path = Path(schema_path).resolve()
-    schema = yaml.safe_load(schema_path.read_text())
-    schema["$id"] = schema_path.as_uri()
 
-    def retrieve(uri: str) -> Resource:
-        from urllib.parse import urlparse
-        from urllib.request import url2pathname
+# the config of the network whose blocks the probes index, per family: (tiny-arch key, folder files)
+_DENOISER = {
+    "dinov3": (None, ("config.json",)),
+    "sd3": ("transformer", ("transformer/config.json",)),
+    "wan": (None, ("transformer/config.json", "config.json")),
+    "sdxl": ("unet", ("unet/config.json", "config.json")),
+    "clip": (None, ("config.json",)),
+}
 
-        return Resource.from_contents(yaml.safe_load(Path(url2pathname(urlparse(uri).path)).read_text()))
 
-    registry = Registry(retrieve=retrieve)
-    props = Draft202012Validator.VALIDATORS["properties"]
+def arch_config(model_cfg: Mapping[str, Any], workdir: str | os.PathLike = ".") -> dict[str, Any] | None:
+    """The config (a dict) of the network a probe indexes by block, read from the tiny-arch table,
+    a local folder's config.json, or a hub checkpoint's config in the local HF cache; None when it
+    cannot be read without weights or network (then the shard job checks)."""
+    family = str(model_cfg.get("family"))
+    key, files = _DENOISER.get(family, (None, ("config.json",)))
+    kind = model_cfg.get("kind")
+    if kind == "tiny":
+        arch = tiny_archs(family).get(str(model_cfg.get("arch")))
+        if not isinstance(arch, dict):
+            return None
+        sub = arch.get(key) if key else arch
+        return sub if isinstance(sub, dict) else None
+    if kind == "path":
+        root = Path(str(model_cfg["path"]))
+        root = root if root.is_absolute() else Path(workdir) / root
+        for f in files:
+            if (root / f).is_file():
+                try:
+                    return json.loads((root / f).read_text())
+                except (OSError, json.JSONDecodeError):
+                    return None
+        return None
+    if kind == "hub":
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        for f in files:
+            hit = try_to_load_from_cache(str(model_cfg["hub_id"]), f)
+            if isinstance(hit, str):
+                try:
+                    return json.loads(Path(hit).read_text())
+                except (OSError, json.JSONDecodeError):
+                    return None
+    return None
 
-    def set_defaults(validator, properties, instance, schema):
-        for prop, sub in properties.items():
-            if isinstance(instance, dict) and "default" in sub:
-                instance.setdefault(prop, json.loads(json.dumps(sub["default"])))
-        yield from props(validator, properties, instance, schema)
 
-    V = validators.extend(Draft202012Validator, {"properties": set_defaults})
-    errors = sorted(V(schema, registry=registry).iter_errors(config), key=lambda e: list(e.absolute_path))
-    if errors:
-        raise ConfigError(format_validation_error(jsonschema.exceptions.best_match(errors)))
+def model_depth(arch: Mapping[str, Any] | None) -> int | None:
+    """Number of blocks the layer indices count (transformers: num_hidden_layers; diffusers: num_layers)."""
+    if not arch:
+        return None
+    for k in ("num_hidden_layers", "num_layers"):
+        if isinstance(arch.get(k), int):
+            return int(arch[k])
+    return None
 
 
 def shard_label(axes: Mapping[str, str]) -> str:
@@ -145,12 +213,17 @@ class Plan:
         return str(p)
 
     def _resolve_model(self, name: str, mcfg: Mapping[str, Any]) -> dict[str, Any]:
-        if not LABEL_RE.match(name):
-            raise ConfigError(f"config field models.{name}: model names may use letters, digits, '.', '+', '=', '-' and single '_'")
+        if not NAME_RE.match(name):
+            raise ConfigError(f"config field models: model name {json.dumps(name)} is not allowed ({NAME_RULE})")
         out = dict(mcfg)
         src = str(mcfg["source"])
         if src.startswith("tiny:"):
-            out.update(kind="tiny", arch=src[5:] or "default", path=f"{RESULTS}/models/{name}")
+            arch = src[5:] or "default"
+            known = tiny_archs(str(mcfg.get("family")))
+            if not NAME_RE.match(arch) or (known and arch not in known):
+                raise ConfigError(f"config field models.{name}.source: {json.dumps(src)} names no tiny architecture of family "
+                                  f"{mcfg.get('family')} (known: {', '.join('tiny:' + a for a in known)})")
+            out.update(kind="tiny", arch=arch, path=f"{RESULTS}/models/{name}")
         elif src.startswith("hub:"):
             out.update(kind="hub", hub_id=src[4:], path=None)
         else:
@@ -176,6 +249,23 @@ class Plan:
         if not any((rel / m).is_file() for m in markers):
             raise ConfigError(f"config field {field}: '{value}' has no {', '.join(markers[:-1])}{' or ' if len(markers) > 1 else ''}{markers[-1]}; expected {what}")
 
+    def _check_dataset_files(self, name: str, ds: Mapping[str, Any]) -> None:
+        """List and caption files are parsed now (format only; images are checked when indexing),
+        so a malformed line fails the dry run naming its line number."""
+        from layerscope.data import parse_captions_file, parse_list_file
+
+        _, rel = self._on_disk(str(ds["path"]))
+        if ds.get("kind") == "folder" and rel.exists() and not rel.is_dir():
+            raise ConfigError(f"config field datasets.{name}.path: '{ds['path']}' is a file; a 'folder' dataset needs a folder")
+        if ds.get("kind") == "list" and rel.is_file():
+            parse_list_file(rel, f"datasets.{name}.path")
+        if ds.get("kind") == "list" and rel.is_dir():
+            raise ConfigError(f"config field datasets.{name}.path: '{ds['path']}' is a folder; a 'list' dataset needs a file of 'path<TAB>caption' lines")
+        if ds.get("captions"):
+            _, cap = self._on_disk(self._check_path(f"datasets.{name}.captions", str(ds["captions"])))
+            if cap.is_file():
+                parse_captions_file(cap, f"datasets.{name}.captions")
+
     def model(self, name: str) -> dict[str, Any]:
         return self._models[name]
 
@@ -184,8 +274,11 @@ class Plan:
         if name not in ds:
             raise KeyError(name)
         out = dict(ds[name])
+        if out.get("kind") in ("folder", "list") and not out.get("path"):
+            raise ConfigError(f"config field datasets.{name}.path: a '{out.get('kind')}' dataset needs a path")
         if out.get("path"):
             out["path"] = self._check_path(f"datasets.{name}.path", str(out["path"]))
+            self._check_dataset_files(name, out)
         out["index"] = f"{RESULTS}/data/{name}/index.tsv"
         return out
 
@@ -226,13 +319,18 @@ class Plan:
                 raise ConfigError(
                     f"config field probes.{pname}.models[{i}]: model '{m}' is family '{mcfg['family']}', "
                     f"this probe takes {', '.join(probe.families)}")
+            probe.check_model(pcfg, m, i, mcfg, arch_config(mcfg, self.workdir))
             values = probe.axis_values(pcfg, m, mcfg)
             for axis in probe.axes:
                 if not values.get(axis):
                     raise ConfigError(f"config field probes.{pname}.{probe.axis_keys.get(axis, axis + 's')}: no values for shard axis '{axis}'")
+                seen: set[str] = set()
                 for v in values[axis]:
                     if not LABEL_RE.match(v):
                         raise ConfigError(f"config field probes.{pname}.{probe.axis_keys.get(axis, axis + 's')}: value '{v}' is not filename-safe")
+                    if v in seen:  # axes are sets: a repeat would count the same data twice
+                        raise ConfigError(f"config field probes.{pname}.{probe.axis_keys.get(axis, axis + 's')}: value '{v}' is repeated (axis values are a set)")
+                    seen.add(v)
             hashed = {"probe": pname, "model": m, "model_cfg": mcfg, "probe_cfg": hashed_cfg,
                       "datasets": datasets, "models": extra}
             self._base[(pname, m)] = {"config_hash": canonical_hash(hashed), "datasets": datasets, "models": extra}
@@ -331,6 +429,8 @@ class Plan:
 
 
 def plan_from_file(path: str | os.PathLike, workdir: str | os.PathLike = ".") -> Plan:
+    """Load, validate (filling defaults) and plan a config file: what ``check-config`` and the
+    Snakefile both run, so they report the same line for a bad config."""
     cfg = load_config(path)
     validate_config(cfg)
     return Plan(cfg, workdir)

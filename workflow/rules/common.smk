@@ -9,19 +9,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
-from layerscope.plan import ConfigError, Plan, format_validation_error
+from layerscope.errors import LayerscopeError
+from layerscope.plan import Plan
+from layerscope.settings import validate_config
 
+# The package's validator, not snakemake.utils.validate: it fills defaults inside the $ref'd probe
+# schemas too, and its one-line messages are the ones `layerscope check-config` prints.
 try:
-    validate(config, "../schemas/config.schema.yaml")
-except WorkflowError as e:
-    _ve = e.__context__  # the jsonschema ValidationError Snakemake wrapped
-    raise WorkflowError(format_validation_error(_ve) if hasattr(_ve, "absolute_path") else str(e)) from None
-
-try:
+    validate_config(config)
     PLAN = Plan(config, workdir=os.getcwd())
-except ConfigError as e:
+except LayerscopeError as e:
     raise WorkflowError(str(e)) from None
 
 ENV = "../../envs/layerscope.yaml"
@@ -37,7 +35,7 @@ envvars:
 
 if not shutil.which("layerscope"):
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-SAFE = r"[A-Za-z0-9.+=-]+(_[A-Za-z0-9.+=-]+)*"
+SAFE = r"[A-Za-z0-9][A-Za-z0-9_-]*"  # layerscope.settings.NAME_RE
 
 
 wildcard_constraints:
@@ -46,14 +44,21 @@ wildcard_constraints:
     dataset=SAFE,
 
 
-def scaled(base):
+def scaled(base, marker=None):
     """A resource that grows with the attempt: a retried job gets 2x, 3x ... of it.
+
+    Except after a user error: `layerscope run-shard` leaves a marker (`marker(wildcards)`, see
+    layerscope.cli.user_error_marker) when it fails with a bad-input exit code
+    (layerscope.errors.USER_ERROR_CODES), and then the retry keeps the base amount - more memory
+    or time cannot fix a bad config, so the retry costs no more than the failed attempt.
 
     Snakemake inspects a resource callable's signature for every job it plans; the signature is
     set once here (PEP 362 `__signature__`) so a 10,000-shard dry run does not rebuild it each time.
     """
 
     def by_attempt(wildcards, attempt):
+        if attempt > 1 and marker is not None and os.path.exists(marker(wildcards)):
+            return base
         return base * attempt
 
     by_attempt.__signature__ = BY_ATTEMPT
@@ -68,9 +73,12 @@ def probe_resources(probe, default_gpus):
 
     Memory and runtime scale with the attempt: a shard that ran out of memory or time is retried
     (profile `retries`) with twice as much of both, then three times, and so on."""
+    from layerscope.cli import user_error_marker
+
     res = dict(config["probes"][probe].get("resources") or {})
     res.setdefault("gpus", default_gpus)
-    out = {"mem_mb": scaled(res.get("mem_mb", 8000)), "runtime": scaled(res.get("runtime", 60))}
+    marker = lambda w: user_error_marker(PLAN.shard_path(probe, w.model, w.shard))
+    out = {"mem_mb": scaled(res.get("mem_mb", 8000), marker), "runtime": scaled(res.get("runtime", 60), marker)}
     if res["gpus"]:
         out["gpu"] = res["gpus"]
         if res.get("gpu_model"):

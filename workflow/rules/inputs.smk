@@ -17,7 +17,7 @@ rule build_tiny_model:
         arch=lambda w: PLAN.model(w.model)["arch"],
         seed=lambda w: PLAN.model(w.model).get("seed", 0),
     shell:
-        "layerscope build-model --family {params.family} --arch {params.arch} --seed {params.seed} --out {output} > {log} 2>&1"
+        "layerscope build-model --family {params.family:q} --arch {params.arch:q} --seed {params.seed:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule dataset_index:
@@ -34,4 +34,4 @@ rule dataset_index:
     params:
         spec=lambda w: json.dumps(PLAN.dataset(w.dataset)),
     shell:
-        "layerscope dataset-index --name {wildcards.dataset} --spec {params.spec:q} --out {output} > {log} 2>&1"
+        "layerscope dataset-index --name {wildcards.dataset:q} --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"

@@ -62,6 +62,13 @@ class ShardSpec:
                    datasets=d.get("datasets", {}), models=d.get("models", {}), config_hash=d.get("config_hash", ""),
                    threads=int(d.get("threads", 1)), device=d.get("device", "auto"))
 
+    @property
+    def settings(self) -> Any:
+        """This shard's probe settings as one typed, frozen object generated from the probe's schema."""
+        from layerscope.probes import get_probe
+
+        return get_probe(self.probe).settings(self.probe_cfg)
+
     def slice_bounds(self, n_items: int) -> tuple[int, int]:
         """[start, stop) of this shard's contiguous share of ``n_items`` (axis label 'IofN')."""
         i, n = parse_slice(self.axes.get("slice", "0of1"))
@@ -103,7 +110,37 @@ class Probe:
     # model must not invalidate shards that already exist
     axis_keys: ClassVar[dict[str, str]] = {"slice": "slices", "seed": "seeds", "timestep": "timesteps", "layers": "layer_groups"}
 
+    # config keys holding 0-based block indices ('all', a list, or a list of lists): checked
+    # against the model's depth before any job
+    layer_keys: ClassVar[tuple[str, ...]] = ()
+
     # ---- planning (pure Python: no torch) ----
+    def settings(self, probe_cfg: Mapping[str, Any]) -> Any:
+        """Typed, immutable settings (a frozen dataclass generated from this probe's schema; lists
+        become tuples). The schema is the only declaration of keys and defaults."""
+        from layerscope.settings import probe_schema, settings_from_schema
+
+        return settings_from_schema(probe_schema(self.name), probe_cfg, f"probes.{self.name}")
+
+    def check_model(self, probe_cfg: Mapping[str, Any], model: str, index: int, model_cfg: Mapping[str, Any],
+                    arch: Mapping[str, Any] | None) -> None:
+        """Checks of the settings against one model's architecture (``arch``: its config dict, None
+        when unreadable without weights). Default: layer indices within the model's depth."""
+        from layerscope.errors import ConfigError
+        from layerscope.plan import model_depth
+
+        depth = model_depth(arch)
+        if depth is None:
+            return
+        for key in self.layer_keys:
+            value = probe_cfg.get(key, "all")
+            groups = value if isinstance(value, list) and any(isinstance(v, list) for v in value) else [value]
+            for g in groups:
+                for layer in ([] if g == "all" else g):
+                    if isinstance(layer, int) and not 0 <= layer < depth:
+                        raise ConfigError(f"config field probes.{self.name}.{key}: layer {layer} is beyond model '{model}' "
+                                          f"({depth} blocks: 0..{depth - 1})")
+
     def axis_values(self, probe_cfg: Mapping[str, Any], model: str, model_cfg: Mapping[str, Any]) -> dict[str, list[str]]:
         """Labels of every shard axis for one model. Default: read the generic config keys."""
         out: dict[str, list[str]] = {}

@@ -113,6 +113,7 @@ class DinoV3Channels(Probe):
     families: ClassVar[tuple[str, ...]] = ("dinov3",)
     tables: ClassVar[tuple[str, ...]] = ("channels", "layers", "outliers")
     figures: ClassVar[tuple[str, ...]] = ("std_max_abs_per_layer", "outlier_channels_heatmap", "magnitude_vs_layer")
+    layer_keys: ClassVar[tuple[str, ...]] = ("layers",)
 
     # ------------------------------------------------------------------ shard
     def run_shard(self, spec: ShardSpec, writer: "ShardWriter") -> None:

@@ -75,6 +75,20 @@ class SD3ReconTrain(Probe):
                     raise ConfigError(f"config field probes.{self.name}.models[{i}]: model '{m}' already has a LoRA; "
                                       "mode: lora trains a fresh adapter on an un-adapted base")
 
+    def check_model(self, probe_cfg: Mapping[str, Any], model: str, index: int, model_cfg: Mapping[str, Any],
+                    arch: Mapping[str, Any] | None) -> None:
+        """Target layers: 0 (context_embedder output) .. num_layers-2 (the last block's text output is discarded)."""
+        from layerscope.errors import ConfigError
+        from layerscope.plan import model_depth
+
+        depth = model_depth(arch)
+        if depth is None:
+            return
+        for t in probe_cfg.get("targets", []):
+            if isinstance(t, int) and not 0 <= t <= depth - 2:
+                raise ConfigError(f"config field probes.{self.name}.targets: target {t} is beyond model '{model}' "
+                                  f"({depth} blocks: targets 0..{depth - 2})")
+
     # ---- the three steps ----
     def run_shard(self, spec: ShardSpec, writer: "ShardWriter") -> None:
         import torch

@@ -174,6 +174,7 @@ class SD3TextGrad(Probe):
     families: ClassVar[tuple[str, ...]] = ("sd3",)
     tables: ClassVar[tuple[str, ...]] = ("samples", "blocks", "tokens")
     figures: ClassVar[tuple[str, ...]] = tuple(FIGURES.values())
+    layer_keys: ClassVar[tuple[str, ...]] = ("layers",)
 
     def check_config(self, probe_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         from layerscope.plan import ConfigError

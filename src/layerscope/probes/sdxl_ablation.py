@@ -162,6 +162,23 @@ class SdxlAblation(Probe):
             "seed": [str(int(s)) for s in probe_cfg.get("seeds", [])],
         }
 
+    def check_model(self, probe_cfg: Mapping[str, Any], model: str, index: int, model_cfg: Mapping[str, Any],
+                    arch: Mapping[str, Any] | None) -> None:
+        """Explicit groups must exist in the model's UNet (when its config is readable without weights)."""
+        from layerscope.models.sdxl import GroupConfigError, cross_attention_groups_from_config
+
+        groups = probe_cfg.get("groups", "auto")
+        if not isinstance(groups, list) or not arch:
+            return
+        try:
+            have = cross_attention_groups_from_config(dict(arch))
+        except GroupConfigError:
+            return
+        for g in groups:
+            if g not in have:
+                raise _config_error(f"config field probes.sdxl_ablation.groups: model '{model}' has no cross-attention group "
+                                    f"'{g}' (it has {', '.join(have)})")
+
     def check_config(self, probe_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         prompts = probe_cfg.get("prompts")
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):

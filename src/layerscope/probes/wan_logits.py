@@ -35,26 +35,6 @@ if TYPE_CHECKING:
 
     from layerscope.h5io import Shard, ShardWriter
 
-DEFAULTS: dict[str, Any] = {
-    "prompt": "A majestic eagle soaring through a cloudy sky, cinematic lighting",
-    "text": "umt5",
-    "max_sequence_length": 512,
-    "num_frames": 21,
-    "num_frame_per_block": 3,
-    "latent_size": [60, 104],
-    "denoising_steps": [1000, 750, 500, 250],
-    "shift": 5.0,
-    "context_noise": 0,
-    "steps": [0],
-    "chunks": [-1],
-    "layer_groups": [[0, 4]],
-    "seeds": [42],
-    "query_chunk": 1024,
-    "first_k": 3,
-    "save_logits": False,
-}
-
-
 def hook_name(layer: int) -> str:
     return f"blocks.{layer}.attn1.hook_attn_logits"
 
@@ -126,8 +106,10 @@ class WanLogits(Probe):
     axis_keys: ClassVar[dict[str, str]] = {"layers": "layer_groups", "step": "steps", "seed": "seeds"}
 
     # ---- planning ----
+    layer_keys: ClassVar[tuple[str, ...]] = ("layer_groups",)
+
     def axis_values(self, probe_cfg: Mapping[str, Any], model: str, model_cfg: Mapping[str, Any]) -> dict[str, list[str]]:
-        cfg = {**DEFAULTS, **probe_cfg}
+        cfg = vars(self.settings(probe_cfg))
         groups = cfg["layer_groups"]
         return {
             "layers": [g if isinstance(g, str) else "-".join(str(int(x)) for x in g) for g in groups],
@@ -144,7 +126,7 @@ class WanLogits(Probe):
     def check_config(self, probe_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         from layerscope.plan import ConfigError
 
-        cfg = {**DEFAULTS, **probe_cfg}
+        cfg = vars(self.settings(probe_cfg))
         f, n = int(cfg["num_frames"]), int(cfg["num_frame_per_block"])
         if f % n:
             raise ConfigError(f"config field probes.wan_logits.num_frames: {f} is not a multiple of num_frame_per_block {n}")
@@ -158,6 +140,23 @@ class WanLogits(Probe):
             if not -n_chunks <= int(c) < n_chunks:
                 raise ConfigError(f"config field probes.wan_logits.chunks: chunk {c} outside {-n_chunks}..{n_chunks - 1} ({n_chunks} chunks)")
 
+    def check_model(self, probe_cfg: Mapping[str, Any], model: str, index: int, model_cfg: Mapping[str, Any],
+                    arch: Mapping[str, Any] | None) -> None:
+        """Layer groups within the depth, and the latent frame geometry divisible by the patch size."""
+        from layerscope.errors import ConfigError
+
+        super().check_model(probe_cfg, model, index, model_cfg, arch)
+        patch = (arch or {}).get("patch_size")
+        if isinstance(patch, (list, tuple)) and len(patch) == 3:
+            cfg = vars(self.settings(probe_cfg))
+            h, w = (int(x) for x in cfg["latent_size"])
+            if h % int(patch[1]) or w % int(patch[2]):
+                raise ConfigError(f"config field probes.wan_logits.latent_size: [{h}, {w}] is not divisible by model '{model}''s "
+                                  f"patch size {int(patch[1])}x{int(patch[2])}")
+            if int(cfg["num_frames"]) % int(patch[0]):
+                raise ConfigError(f"config field probes.wan_logits.num_frames: {cfg['num_frames']} is not divisible by model "
+                                  f"'{model}''s temporal patch size {int(patch[0])}")
+
     # ---- shard ----
     def run_shard(self, spec: ShardSpec, writer: "ShardWriter") -> None:
         import numpy as np
@@ -168,7 +167,7 @@ class WanLogits(Probe):
         from layerscope.models import wan
         from layerscope.stats import Moments
 
-        cfg = {**DEFAULTS, **spec.probe_cfg}
+        cfg = vars(spec.settings)
         set_threads(spec.threads)
         device = resolve_device(spec.device)
         dtype = resolve_dtype(str(spec.model_cfg.get("dtype", "fp32")), device)
