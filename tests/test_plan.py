@@ -109,3 +109,118 @@ def test_hub_source_needs_no_path(cfg):
 def test_real_config_validates(repo):
     c = load_config(repo / "config.real.yaml")
     validate_config(c)  # paths on the cluster do not exist here; the schema must hold
+
+
+# ---------------------------------------------------------------- settings: the schema is the one declaration
+def _schema_keys():
+    """(file, dotted key, property schema) of every property in every schema file."""
+    from layerscope.settings import SCHEMA_DIR
+
+    def walk(node, path):
+        for k, sub in (node.get("properties") or {}).items():
+            yield f"{path}{k}", sub
+            yield from walk(sub, f"{path}{k}.")
+        for d, sub in (node.get("$defs") or {}).items():
+            yield from walk(sub, f"$defs.{d}.")
+
+    for f in sorted(SCHEMA_DIR.rglob("*.yaml")):
+        for key, sub in walk(yaml.safe_load(f.read_text()), ""):
+            yield f.name, key, sub
+
+
+def test_every_schema_key_has_a_description():
+    missing = [f"{f}:{k}" for f, k, sub in _schema_keys() if not str(sub.get("description", "")).strip()]
+    assert missing == []
+
+
+def test_readme_reference_is_generated_from_the_schema(repo):
+    """The README's reference block is exactly what the schema generates, and names every key."""
+    from layerscope.settings import README_END, README_START, reference_markdown
+
+    text = (repo / "README.md").read_text()
+    block = text[text.index(README_START) + len(README_START): text.index(README_END)].strip()
+    assert block == reference_markdown(), "README is stale: run python -m layerscope.settings README.md"
+    documented = {ln.split("`")[1].rsplit(".", 1)[-1] for ln in block.splitlines() if ln.startswith("| `")}
+    undocumented = sorted({k.rsplit(".", 1)[-1] for _, k, _ in _schema_keys()} - documented)
+    assert undocumented == []
+
+
+def test_no_defaults_dict_in_the_package(repo):
+    hits = [str(p) for p in (repo / "src").rglob("*.py") if "DEFAULTS" in p.read_text()]
+    assert hits == []
+
+
+def test_every_shard_spec_is_fully_defaulted_from_the_schema(cfg):
+    """Defaults reach inside the $ref'd probe schemas: each spec's probe_cfg carries every key that
+    has a schema default (axis lists and per-job keys aside, which live in the file name / rule)."""
+    from layerscope.settings import probe_schema
+
+    plan = Plan(cfg)
+    for pname, probe in plan.probes.items():
+        schema = probe_schema(pname)
+        dropped = set(probe.axis_keys.values()) | {"resources", "threads", "enabled"}
+        want = {k: v["default"] for k, v in schema["properties"].items() if "default" in v and k not in dropped}
+        for m, shard in plan.shards(pname)[:1]:
+            spec = plan.spec(pname, m, shard)
+            for k, default in want.items():
+                assert k in spec.probe_cfg, (pname, k)
+                if k not in cfg["probes"][pname] or cfg["probes"][pname][k] == default:
+                    assert spec.probe_cfg[k] == default
+            # the typed settings: frozen, tuples for lists, equal to the defaulted config
+            s = spec.settings
+            for k, v in spec.probe_cfg.items():
+                got = getattr(s, k)
+                assert got == (tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v), (pname, k)
+            with pytest.raises(Exception):
+                setattr(s, "models", ())
+
+
+def test_defaults_fill_a_minimal_wan_config():
+    """A probe config with only its required keys gets the schema's defaults (no per-probe dict)."""
+    c = {"models": {"w": {"family": "wan", "source": "tiny:default"}}, "probes": {"wan_logits": {"models": ["w"]}}}
+    validate_config(c)
+    p = c["probes"]["wan_logits"]
+    assert p["num_frames"] == 21 and p["latent_size"] == [60, 104] and p["layer_groups"] == [[0, 4]]
+    assert p["resources"] == {"mem_mb": 8000, "runtime": 60} and c["models"]["w"]["dtype"] == "fp32"
+    assert c["study"] == "default" and c["runtime"] == {"device": "auto", "threads": 1}
+    with pytest.raises(ConfigError, match=r"layer_groups: layer 4 is beyond model 'w' \(4 blocks: 0..3\)"):
+        Plan(c)  # the defaulted value is checked like a written one: the tiny Wan has 4 blocks
+    p["layer_groups"] = [[0, 3]]
+    assert [s for _, s in Plan(c).shards("wan_logits")] == ["layers-0-3__step-0__seed-42"]
+
+
+def test_settings_refuse_unknown_keys():
+    from layerscope.probes import get_probe
+
+    with pytest.raises(ConfigError, match=r"probes.wan_logits.num_frame: unknown key"):
+        get_probe("wan_logits").settings({"num_frame": 3})
+
+
+def test_tiny_arch_tables_read_without_torch_equal_the_modules():
+    """The planner reads TINY_ARCHS from the family modules' source (they import torch); the values
+    it gets must be the ones the modules build from."""
+    import json as _json
+    from importlib import import_module
+
+    from layerscope.plan import tiny_archs
+
+    norm = lambda x: _json.loads(_json.dumps(x, default=list))  # tuples -> lists
+    for family in ("dinov3", "sd3", "wan", "sdxl"):
+        real = import_module(f"layerscope.models.{family}").TINY_ARCHS
+        assert norm(tiny_archs(family)) == norm(real), family
+
+
+def test_list_and_caption_files_parse_against_hand_written_rows(tmp_path):
+    from layerscope.data import parse_captions_file, parse_list_file
+    from layerscope.errors import DataError
+
+    f = tmp_path / "l.tsv"
+    f.write_text("# header\n\na.png\ta cat\n  \nsub/b.jpg\ta dog on a beach \n")
+    assert parse_list_file(f, "datasets.x.path") == [(3, "a.png", "a cat"), (5, "sub/b.jpg", "a dog on a beach")]
+    for bad, line in [("a.png\n", 1), ("ok.png\tfine\n\tno path\n", 2), ("a\tb\tc\n", 1)]:
+        f.write_text(bad)
+        with pytest.raises(DataError, match=rf"^datasets.x.path: l.tsv line {line}: expected 'path<TAB>caption'$"):
+            parse_list_file(f, "datasets.x.path")
+    f.write_text("a.png\tone\na.png\ttwo\n")
+    with pytest.raises(DataError, match=r"line 2: file name 'a.png' is repeated"):
+        parse_captions_file(f, "datasets.x.captions")

@@ -195,3 +195,78 @@ def settings_from_schema(schema: Mapping[str, Any], values: Mapping[str, Any], n
     if unknown:
         raise ConfigError(f"config field {name}.{unknown[0]}: unknown key")
     return cls(**{k: _freeze(v) for k, v in values.items()})
+
+
+# ---------------------------------------------------------------- the README's reference
+README_START = "<!-- config-reference: generated from src/layerscope/schemas by `python -m layerscope.settings README.md` -->"
+README_END = "<!-- /config-reference -->"
+
+
+def _type_text(sub: Mapping[str, Any]) -> str:
+    if "$ref" in sub and "type" not in sub:
+        return "object"
+    if "const" in sub:
+        return json.dumps(sub["const"])
+    if "enum" in sub:
+        return " \\| ".join(json.dumps(v) if not isinstance(v, str) else v for v in sub["enum"])
+    if "oneOf" in sub:
+        return " or ".join(_type_text(s) for s in sub["oneOf"])
+    t = sub.get("type", "any")
+    t = " \\| ".join(t) if isinstance(t, list) else t
+    if t == "array" and isinstance(sub.get("items"), dict):
+        t = f"list of {_type_text(sub['items'])}"
+    return t
+
+
+def _resolve(ref: str, base: Path) -> tuple[Mapping[str, Any], Path]:
+    file, _, frag = ref.partition("#")
+    path = (base / file).resolve() if file else base / "__self__"
+    doc = _load_yaml(str(path)) if file else None
+    return doc, path
+
+
+def _rows(schema: Mapping[str, Any], prefix: str, file: Path) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for key, sub in schema.get("properties", {}).items():
+        path = f"{prefix}{key}"
+        default = json.dumps(sub["default"]) if "default" in sub else ("required" if key in schema.get("required", []) else "")
+        desc = str(sub.get("description", "")).replace("|", "\\|").replace("\n", " ").strip()
+        rows.append((path, _type_text(sub), default, desc))
+        ref = sub.get("$ref", "")
+        if ref and "#" not in ref:  # a probe's own schema file
+            target_file = (file.parent / ref).resolve()
+            rows += _rows(_load_yaml(str(target_file)), path + ".", target_file)
+        elif sub.get("properties"):
+            rows += _rows(sub, path + ".", file)
+        elif isinstance(sub.get("additionalProperties"), dict) and "$ref" in sub["additionalProperties"]:
+            name = sub["additionalProperties"]["$ref"].rsplit("/", 1)[-1]
+            rows += _rows(_load_yaml(str(SCHEMA))["$defs"][name], f"{path}.<name>.", file)
+    return rows
+
+
+def reference_markdown() -> str:
+    """Every key of the config schema as one Markdown table (path, type, default, description):
+    the README's configuration reference, so the docs cannot drift from the schema."""
+    root = _load_yaml(str(SCHEMA))
+    rows = _rows(root, "", SCHEMA)
+    rows += _rows(root["$defs"]["resources"], "probes.<probe>.resources.", SCHEMA)
+    lines = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{p}` | {t} | {f'`{d}`' if d and d != 'required' else d} | {desc} |" for p, t, d, desc in rows]
+    return "\n".join(lines)
+
+
+def update_readme(readme: str | Path) -> bool:
+    """Rewrite the generated block of the README; True when it changed."""
+    path = Path(readme)
+    text = path.read_text()
+    a, b = text.index(README_START), text.index(README_END)
+    new = text[: a + len(README_START)] + "\n\n" + reference_markdown() + "\n\n" + text[b:]
+    if new != text:
+        path.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    import sys
+
+    print("updated" if update_readme(sys.argv[1] if len(sys.argv) > 1 else "README.md") else "up to date")
