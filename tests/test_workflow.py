@@ -132,6 +132,26 @@ def test_retry_doubles_shard_memory_and_runtime(study):
     run_snakemake(study, SHARD.format(0), config=study / "study.yaml")
 
 
+def test_user_error_is_not_retried_at_doubled_resources(study):
+    """A shard that fails on bad input (a ConfigError, exit code in USER_ERROR_CODES) is retried at
+    the base memory and runtime: more resources cannot fix a config. A real failure still doubles
+    (test above)."""
+    r = run_snakemake(study, "--forcerun", SHARD.format(0), "--retries", "1", "--allowed-rules",
+                      "dinov3_channels_shard", config=study / "study.yaml", check=False,
+                      env={"LAYERSCOPE_FAULT": "usererror:*slice-0of2.h5"})
+    assert r.returncode != 0
+    log = r.stdout + r.stderr
+    got = [(int(re.search(r"mem_mb=(\d+)", x).group(1)), int(re.search(r"runtime=(\d+)", x).group(1)))
+           for x in re.findall(r"resources: (.*)", log)]
+    assert got == [(8000, 60), (8000, 60)], log[-3000:]
+    shard_log = (study / "results/logs/dinov3_channels/shards/dinov3_tiny/slice-0of2.log").read_text().strip().splitlines()
+    assert shard_log[-1].startswith("layerscope: error: config field probes: LAYERSCOPE_FAULT: injected user error"), shard_log[-3:]
+    marker = study / "results/logs/user-errors" / (SHARD.format(0) + ".err")
+    assert marker.is_file()
+    run_snakemake(study, SHARD.format(0), config=study / "study.yaml")
+    assert not marker.exists()  # a success clears it: the next real failure doubles again
+
+
 def test_bad_config_fails_dry_run_with_field_named(tmp_path, study):
     cfg = yaml.safe_load((study / "study.yaml").read_text())
     cfg["probes"]["dinov3_channels"]["slices"] = 0

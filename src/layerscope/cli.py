@@ -33,13 +33,17 @@ def _load_spec(text: str) -> dict[str, Any]:
     return json.loads(text)
 
 
-USER_ERROR_DIR = ".layerscope/user-errors"
+USER_ERROR_DIR = "results/logs/user-errors"
 
 
-def user_error_marker(out: str | os.PathLike) -> str:
-    """Where ``run-shard`` notes that its output failed on bad input (relative to the working
-    directory): the workflow's resource callables read it so a retry does not double resources."""
-    return os.path.join(USER_ERROR_DIR, os.path.normpath(str(out)) + ".err")
+def user_error_marker(out: str | os.PathLike) -> str | None:
+    """Where ``run-shard`` notes that its output failed on bad input (relative to the study's working
+    directory; None for an output outside it): the workflow's resource callables read it so a retry
+    after a user error does not double memory and runtime."""
+    rel = os.path.normpath(str(out))
+    if os.path.isabs(rel) or rel.split(os.sep)[0] == "..":
+        return None
+    return os.path.join(USER_ERROR_DIR, rel + ".err")
 
 
 def _inject_fault(out: Path) -> None:
@@ -92,18 +96,19 @@ def cmd_run_shard(args: argparse.Namespace) -> None:
     }
     t0 = time.perf_counter()
     out = Path(args.out)
-    marker = Path(user_error_marker(out))
+    marker = user_error_marker(out)
     try:
         with ShardWriter(out, prov) as w:
             probe.run_shard(spec, w)
             _inject_fault(out)
             w.set_attr("seconds", time.perf_counter() - t0)
     except LayerscopeError as e:
-        if e.exit_code in USER_ERROR_CODES:  # a retry at doubled resources cannot help: say so
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(f"{e}\n")
+        if marker and e.exit_code in USER_ERROR_CODES:  # a retry at doubled resources cannot help: say so
+            Path(marker).parent.mkdir(parents=True, exist_ok=True)
+            Path(marker).write_text(f"{e}\n")
         raise
-    marker.unlink(missing_ok=True)
+    if marker:
+        Path(marker).unlink(missing_ok=True)
     log.info("wrote %s in %.1f s", out, time.perf_counter() - t0)
 
 

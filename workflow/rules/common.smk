@@ -57,7 +57,7 @@ def scaled(base, marker=None):
     """
 
     def by_attempt(wildcards, attempt):
-        if attempt > 1 and marker is not None and os.path.exists(marker(wildcards)):
+        if attempt > 1 and marker is not None and os.path.exists(marker(wildcards) or ""):
             return base
         return base * attempt
 
