@@ -294,7 +294,10 @@ def test_merge_rejects_stale_prompt_text(workdir, monkeypatch, tmp_path):
 
 def test_explicit_group_missing_from_model_fails_the_shard(workdir, monkeypatch, tmp_path):
     monkeypatch.chdir(workdir)
-    plan = Plan(config(groups=["down_blocks.0.attentions.0"]), workdir)  # plans: names are checked, not the model
+    with pytest.raises(ConfigError, match=r"probes.sdxl_ablation.groups: model 'sdxl_tiny' has no cross-attention group "
+                                          r"'down_blocks.0.attentions.0' \(it has down_blocks.1.attentions.0, "):
+        Plan(config(groups=["down_blocks.0.attentions.0"]), workdir)  # the plan checks names against the UNet
+    plan = Plan(config(), workdir)  # a shard label the plan would not make still fails its shard
     with pytest.raises(ValueError, match=r"probes.sdxl_ablation.groups: down_blocks.0.attentions.0 is not"):
         run_shard(plan, "group-down_blocks.0.attentions.0__prompt-p0__seed-0", tmp_path)
     assert not list(tmp_path.rglob("*.h5"))

@@ -194,6 +194,19 @@ def settings_from_schema(schema: Mapping[str, Any], values: Mapping[str, Any], n
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"config field {name}.{unknown[0]}: unknown key")
+    # a shard job meets a spec written earlier or by hand: the same types and ranges as the plan,
+    # one line naming the field (required keys aside: a spec carries no axis lists)
+    loose = {k: v for k, v in schema.items() if k not in ("required", "$schema", "$id")}
+    loose["properties"] = {k: v for k, v in schema.get("properties", {}).items() if "$ref" not in v}
+    loose["additionalProperties"] = True
+    values = copy.deepcopy(dict(values))
+    errors = list(_validator_class()(loose).iter_errors(values))
+    if errors:
+        from jsonschema.exceptions import best_match
+
+        err = best_match(errors)
+        msg = format_validation_error(err).removeprefix("config field ")
+        raise ConfigError(f"config field {name}.{msg}")
     return cls(**{k: _freeze(v) for k, v in values.items()})
 
 
