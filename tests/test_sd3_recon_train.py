@@ -192,11 +192,15 @@ def test_probe_shard_checkpoint_merge_plot_and_plan(study, tmp_path, monkeypatch
 
     monkeypatch.chdir(tmp_path)
     probe = get_probe("sd3_recon_train")
+    from layerscope.data import read_index
+
+    lst = tmp_path / "toy.tsv"  # a well-formed list file (the plan parses it): path<TAB>caption per line
+    lst.write_text("".join(f"{r.path}\t{r.caption}\n" for r in read_index(study["index"])))
     cfg = {
         "runtime": {"device": "cpu"},
         "models": {"tiny": {"family": "sd3", "source": str(study["tiny_t5"])},
                    "tiny_recon": {"family": "sd3", "source": "results/sd3_recon/checkpoints/tiny/gamma-0.5__target-1__seed-0"}},
-        "datasets": {"toy": {"kind": "list", "path": str(study["index"])}},  # an existing path; the index is built below
+        "datasets": {"toy": {"kind": "list", "path": str(lst)}},  # the index is built below
         "probes": {"sd3_recon_train": {"models": ["tiny"], "dataset": "toy", "gammas": [0.0, 0.5], "targets": [1],
                                        "seeds": [0], "steps": 3, "max_sequence_length": 8}},
     }
