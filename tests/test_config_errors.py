@@ -201,11 +201,12 @@ def _prepare(wd: Path, case: Case) -> Path:
 def dry_run_in_process(wd: Path, cfg: Path) -> str:
     """A Snakemake dry run through its API; returns the error text ('' when the plan succeeded)."""
     from snakemake.api import SnakemakeApi
+    from snakemake.settings.enums import Quietness
     from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
 
     cwd = os.getcwd()
     try:
-        with SnakemakeApi(OutputSettings(quiet=True)) as api:
+        with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
             wf = api.workflow(resource_settings=ResourceSettings(cores=1), config_settings=ConfigSettings(configfiles=[cfg]),
                               snakefile=REPO / "Snakefile", workdir=wd)
             wf.dag().execute_workflow(executor="dryrun")
