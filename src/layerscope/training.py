@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from layerscope.models import ModelLoadError
+from layerscope.models.sd3_light_settings import TIMESTEP_SAMPLINGS, WEIGHTINGS, check_renamed, check_timestep_settings
 from layerscope.models.sd3_light import LossSettings, LightSD3Pipeline, ReconConfigError, compute_losses, final_hook_name, target_hook_name
 
 if TYPE_CHECKING:
@@ -50,8 +51,6 @@ __all__ = ["FineTuneConfig", "TrainResult", "load_pipeline", "encode_dataset", "
 CHECKPOINT_MANIFEST = "layerscope_checkpoint.json"
 # SD3 joint-attention projections: image stream (to_q/k/v, to_out.0) and text stream (add_*_proj, to_add_out)
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-WEIGHTINGS = ("uniform", "logit_normal", "mode")
-TIMESTEP_SAMPLINGS = ("logit_normal", "discrete")
 
 
 @dataclass(frozen=True)
@@ -87,17 +86,7 @@ class FineTuneConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("full", "lora"):
             raise ReconConfigError(f"mode: {self.mode!r} is not one of full, lora")
-        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
-            raise ReconConfigError(f"timestep_sampling: {self.timestep_sampling!r} is not one of {', '.join(TIMESTEP_SAMPLINGS)}")
-        if self.weighting is not None:
-            if self.weighting not in WEIGHTINGS:
-                raise ReconConfigError(f"weighting: {self.weighting!r} is not one of {', '.join(WEIGHTINGS)}")
-            if self.timestep_sampling != "discrete":
-                raise ReconConfigError(f"weighting: applies to timestep_sampling: discrete only (this run samples {self.timestep_sampling}; "
-                                       "its sigma density is set by logit_mean / logit_std)")
-        if self.shift is not None and not (isinstance(self.shift, (int, float)) and not isinstance(self.shift, bool)
-                                           and math.isfinite(float(self.shift)) and float(self.shift) > 0):
-            raise ReconConfigError(f"shift: expected a number > 0, got {self.shift!r}")
+        check_timestep_settings(self.timestep_sampling, self.weighting, self.shift)
         self.loss_settings  # validates loss_type / pseudo_huber_c / masked_mean / ignore_padding
         for key in ("steps", "batch_size", "max_sequence_length", "lora_rank"):
             if int(getattr(self, key)) < 1:
@@ -361,8 +350,7 @@ def save_checkpoint(pipe: "StableDiffusion3Pipeline", peft_model: Any, out_dir: 
 def config_from_probe(probe_cfg: Mapping[str, Any], gamma: float, target_layer: int, seed: int) -> FineTuneConfig:
     """FineTuneConfig from the probe config (keys of the same names; the schema refuses unknown
     keys, and the renamed ``huber_c`` is refused here too)."""
-    if "huber_c" in probe_cfg:
-        raise ReconConfigError("huber_c: renamed to pseudo_huber_c (the existing pipeline's key; its form is sqrt(d^2+c^2)-c)")
+    check_renamed(probe_cfg)
     names = {f for f in FineTuneConfig.__dataclass_fields__} - {"gamma", "target_layer", "seed"}
     kw = {k: probe_cfg[k] for k in names if k in probe_cfg and probe_cfg[k] is not None}
     if "lora_targets" in kw:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from layerscope.errors import ConfigError
+from layerscope.models.sd3_light_settings import LOSS_TYPES, LossSettings, ReconConfigError
 
 if TYPE_CHECKING:
     from diffusers import SD3Transformer2DModel
@@ -49,12 +49,6 @@ __all__ = [
     "valid_target_layers", "final_text_block", "target_hook_name", "final_hook_name",
     "denoise_loss", "text_recon_loss", "compute_losses", "LOSS_TYPES", "LossSettings",
 ]
-
-LOSS_TYPES = ("mse", "pseudo_huber", "pseudo_huber_scaled")
-
-
-class ReconConfigError(ConfigError):
-    """A bad text-reconstruction or loss setting; the message names the config key."""
 
 
 def valid_target_layers(num_layers: int) -> range:
@@ -178,57 +172,6 @@ class LossTerms:
 
 def _is_empty(t: torch.Tensor | None) -> bool:
     return t is None or t.numel() == 0
-
-
-@dataclass(frozen=True)
-class LossSettings:
-    """How the loss is computed.  The defaults are the existing pipeline's (note 001: "the original
-    denoise loss, with mask and pseudo-Huber support"): ``mean(l * w)`` over all elements, pseudo-Huber
-    ``sqrt(d^2 + c^2) - c`` switched on by ``pseudo_huber_c``, and the token-wise text MSE averaged over
-    all tokens.  The project's refinements are named options: ``masked_mean`` (``sum(l*w)/sum(w)``),
-    ``loss_type: pseudo_huber_scaled`` (``2c(sqrt(d^2+c^2) - c)``, MSE's scale for small residuals) and
-    ``ignore_padding`` (text MSE over real tokens only)."""
-
-    loss_type: str = "mse"
-    pseudo_huber_c: float | None = None
-    masked_mean: bool = False
-    ignore_padding: bool = False
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "LossSettings":
-        """Read ``loss_type`` / ``pseudo_huber_c`` / ``masked_mean`` / ``ignore_padding``.
-
-        As in the existing pipeline, ``pseudo_huber_c`` alone selects pseudo-Huber; a contradiction
-        (``loss_type: mse`` with ``pseudo_huber_c``) or the renamed key ``huber_c`` is an error: a key
-        that would be ignored must never be."""
-        if "huber_c" in config:
-            raise ReconConfigError("huber_c: renamed to pseudo_huber_c (the existing pipeline's key; its form is sqrt(d^2+c^2)-c)")
-        c = config.get("pseudo_huber_c")
-        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(float(c)) or not float(c) > 0):
-            raise ReconConfigError(f"pseudo_huber_c: expected a number > 0, got {c!r}")
-        loss_type = config.get("loss_type")
-        if loss_type is None:
-            loss_type = "mse" if c is None else "pseudo_huber"
-        if loss_type not in LOSS_TYPES:
-            raise ReconConfigError(f"loss_type: {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
-        if loss_type == "mse" and c is not None:
-            raise ReconConfigError(f"pseudo_huber_c: set ({c!r}) but loss_type is mse; remove one of them")
-        if loss_type != "mse" and c is None:
-            raise ReconConfigError(f"loss_type: {loss_type} needs pseudo_huber_c (the pseudo-Huber constant c)")
-        flags = {}
-        for key in ("masked_mean", "ignore_padding"):
-            v = config.get(key, False)
-            if not isinstance(v, bool):
-                raise ReconConfigError(f"{key}: expected true or false, got {v!r}")
-            flags[key] = v
-        return cls(loss_type, None if c is None else float(c), **flags)
-
-    def describe(self) -> str:
-        """One-line convention recorded with every run, e.g. 'pseudo_huber(c=0.1), mean(l*w), text: all tokens'."""
-        kind = self.loss_type if self.pseudo_huber_c is None else f"{self.loss_type}(c={self.pseudo_huber_c:g})"
-        red = "sum(l*w)/sum(w)" if self.masked_mean else "mean(l*w)"
-        txt = "real tokens" if self.ignore_padding else "all tokens"
-        return f"{kind}, {red}, text: {txt}"
 
 
 def denoise_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,

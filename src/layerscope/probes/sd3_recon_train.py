@@ -78,12 +78,13 @@ class SD3ReconTrain(Probe):
         return {"checkpoint": root + "/{model}/{shard}/"}
 
     def check_config(self, probe_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
-        from layerscope.models.sd3_light import ReconConfigError
+        from layerscope.models.sd3_light_settings import LossSettings, ReconConfigError, check_timestep_settings
         from layerscope.plan import ConfigError
-        from layerscope.training import config_from_probe
 
-        try:  # renamed keys, loss and timestep settings that contradict each other: before any job
-            config_from_probe(probe_cfg, 0.0, 0, 0)
+        try:  # renamed keys, loss and timestep settings that contradict each other: before any job (torch-free)
+            LossSettings.from_config(probe_cfg)
+            check_timestep_settings(probe_cfg.get("timestep_sampling", "logit_normal"), probe_cfg.get("weighting"),
+                                    probe_cfg.get("shift"))
         except ReconConfigError as e:
             raise ConfigError(f"config field probes.{self.name}.{e}") from None
 
