@@ -334,3 +334,24 @@ def test_renamed_and_contradictory_keys_fail_the_plan_in_one_line(study, tmp_pat
         validate_config(cfg)
         Plan(cfg, tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_merge_refuses_a_shard_without_recorded_conventions(tmp_path):
+    """A shard from before the conventions were recorded cannot mix silently with new ones."""
+    from layerscope.h5io import Shard, ShardError, ShardWriter
+    from layerscope.probes.sd3_recon_train import SD3ReconTrain
+
+    arrays = {"step": np.arange(2), "denoise": np.ones(2), "recon": np.zeros(2), "total": np.ones(2), "sigma": np.full(2, 0.5),
+              "grad_norm": np.ones(2), "n_valid_tokens": np.zeros(2, np.int64), "skipped": np.zeros(2, bool)}
+    prov = {"probe": "sd3_recon_train", "model": "m", "axes": {"gamma": "0", "target": "0", "seed": "0"}, "config_hash": "h",
+            "data_digest": "d", "spec": {}}
+    attrs = {"recon_computed": False, "gamma": 0.0, "target_layer": 0}
+    conv = {"timestep_sampling": "logit_normal(mean=0, std=1)", "shift": 3.0, "loss_convention": "mse, mean(l*w), text: all tokens"}
+    with ShardWriter(tmp_path / "new.h5", prov) as w:
+        w.write("train/losses", arrays, attrs={**attrs, **conv})
+    with ShardWriter(tmp_path / "old.h5", prov) as w:
+        w.write("train/losses", arrays, attrs=attrs)
+    df = SD3ReconTrain().merge([Shard(tmp_path / "new.h5")])["losses"]
+    assert (df["loss_convention"] == conv["loss_convention"]).all() and (df["shift"] == 3.0).all()
+    with pytest.raises(ShardError, match=r"old\.h5: train/losses lacks timestep_sampling, shift, loss_convention"):
+        SD3ReconTrain().merge([Shard(tmp_path / "new.h5"), Shard(tmp_path / "old.h5")])
