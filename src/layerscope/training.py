@@ -39,14 +39,15 @@ import numpy as np
 import torch
 
 from layerscope.models import ModelLoadError
+from layerscope.models.sd3_light import LightSD3Pipeline, LossSettings, ReconConfigError, compute_losses, final_hook_name, target_hook_name
 from layerscope.models.sd3_light_settings import TIMESTEP_SAMPLINGS, WEIGHTINGS, check_renamed, check_timestep_settings
-from layerscope.models.sd3_light import LossSettings, LightSD3Pipeline, ReconConfigError, compute_losses, final_hook_name, target_hook_name
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusion3Pipeline
 
 __all__ = ["FineTuneConfig", "TrainResult", "load_pipeline", "encode_dataset", "text_token_mask", "fine_tune",
-           "save_checkpoint", "sample_timesteps", "CHECKPOINT_MANIFEST", "DEFAULT_LORA_TARGETS", "TIMESTEP_SAMPLINGS"]
+           "save_checkpoint", "sample_timesteps", "CHECKPOINT_MANIFEST", "DEFAULT_LORA_TARGETS", "TIMESTEP_SAMPLINGS",
+           "WEIGHTINGS"]
 
 CHECKPOINT_MANIFEST = "layerscope_checkpoint.json"
 # SD3 joint-attention projections: image stream (to_q/k/v, to_out.0) and text stream (add_*_proj, to_add_out)
