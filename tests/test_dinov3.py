@@ -58,14 +58,14 @@ def _reference(model, index, n_images=None):
     return out
 
 
-def _check_against_reference(tables, ref, rtol=2e-4, atol=2e-5):
+def _check_against_reference(tables, ref, rtol=2e-4, atol=2e-5, std_eps=1e-8):
     ch = tables["channels"]
     for (i, rep, role), x in ref.items():
         sub = ch[(ch.layer == i) & (ch.rep == rep) & (ch.role == role)].sort_values("channel")
         assert len(sub) == x.shape[1]
         np.testing.assert_array_equal(sub["count"], x.shape[0])
         np.testing.assert_allclose(sub["mean"], x.mean(0), rtol=rtol, atol=atol)
-        np.testing.assert_allclose(sub["std"], x.std(0), rtol=rtol, atol=atol)
+        np.testing.assert_allclose(sub["std"], np.sqrt(x.var(0) + std_eps), rtol=rtol, atol=atol)  # note 004's std
         np.testing.assert_allclose(sub["max_abs"], np.abs(x).max(0), rtol=rtol, atol=atol)
         lay = tables["layers"]
         row = lay[(lay.layer == i) & (lay.rep == rep) & (lay.role == role)].iloc[0]
@@ -91,6 +91,31 @@ def test_stats_equal_numpy_reference_all_reps_and_roles(tmp_path, dinov3_dir, ph
     assert not np.allclose(ref[(1, "per_layer_ln", "patch")], ref[(1, "global_ln", "patch")])
     _check_against_reference(tables, ref)
     assert tables["channels"]["hook"].str.match(r"blocks\.\d\.(hook_resid_post|ln_layer\.hook_normalized|ln_final\.hook_normalized)").all()
+
+
+def test_std_eps_default_is_the_notes_and_zero_gives_the_plain_std(tmp_path, dinov3_dir, photos_index, model):
+    """Merge-side epsilon: one shard, merged under three settings, against numpy's population std."""
+    ref = _reference(model, photos_index, n_images=4)
+    x = ref[(2, "pre", "patch")]
+    for key, eps in ((None, 1e-8), (0.0, 0.0), (0.5, 0.5)):  # None: key absent, the default
+        extra = {} if key is None else {"std_eps": key}
+        sh = _run(_spec(dinov3_dir, photos_index, max_images=4, **extra), tmp_path / f"e{key}" / "slice-0of1.h5")
+        tables = DinoV3Channels().merge(load_shards([sh], "dinov3_channels", "m"))
+        ch = tables["channels"]
+        sub = ch[(ch.layer == 2) & (ch.rep == "pre") & (ch.role == "patch")].sort_values("channel")
+        np.testing.assert_allclose(sub["std"], np.sqrt(x.var(0) + eps), rtol=2e-5)
+        if eps == 0.0:
+            np.testing.assert_allclose(sub["std"], x.std(0), rtol=2e-5)
+        lay = tables["layers"]
+        row = lay[(lay.layer == 2) & (lay.rep == "pre") & (lay.role == "patch")].iloc[0]
+        assert abs(row.std_mean - np.sqrt(x.var(0) + eps).mean()) <= 2e-5 * row.std_mean
+    # a constant channel: the note's std is sqrt(1e-8) = 1e-4, not 0; NaN (no value seen) stays NaN
+    from layerscope.probes.dinov3_channels import DEFAULT_STD_EPS, channel_std
+
+    assert DEFAULT_STD_EPS == 1e-8
+
+    np.testing.assert_array_equal(channel_std(np.array([0.0, np.nan, 4.0]), 1e-8)[[0, 2]], [1e-4, np.sqrt(4.0 + 1e-8)])
+    assert np.isnan(channel_std(np.array([np.nan]), 1e-8)[0]) and channel_std(np.array([0.0]), 0.0)[0] == 0.0
 
 
 def test_merging_shards_split_several_ways_equals_one_shard(tmp_path, dinov3_dir, photos_index):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from layerscope.models.sd3_light import (
-    LightSD3Pipeline, ReconConfigError, TextReconConfig, compute_losses, denoise_loss, final_hook_name,
+    LightSD3Pipeline, LossSettings, ReconConfigError, TextReconConfig, compute_losses, denoise_loss, final_hook_name,
     target_hook_name, text_recon_loss, valid_target_layers)
 
 torch.set_num_threads(1)
@@ -174,43 +174,103 @@ def test_wrong_target_layer_fails_with_the_valid_range():
     assert n_hooks(tr) == 0
 
 
-def test_recon_loss_counts_only_valid_tokens():
+def test_recon_loss_all_tokens_by_default_and_valid_tokens_as_option():
     g = torch.Generator().manual_seed(3)
     final, target = torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g)
     mask = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 1, 1, 0]], dtype=torch.bool)
-    rec, n = text_recon_loss(final, target, mask)
     f, t, m = final.double().numpy(), target.double().numpy(), mask.numpy()
-    ref = ((f - t) ** 2)[m].sum() / (m.sum() * f.shape[-1])  # brute force over the valid (token, channel) pairs
+    # note 001's per-token MSE: every token counts, padding included (the mask is not consulted)
+    rec, n = text_recon_loss(final, target, mask)
+    assert n == 10 and abs(float(rec) - ((f - t) ** 2).mean()) < 1e-6
+    # option ignore_padding: brute force over the valid (token, channel) pairs
+    rec, n = text_recon_loss(final, target, mask, ignore_padding=True)
+    ref = ((f - t) ** 2)[m].sum() / (m.sum() * f.shape[-1])
     assert n == 5 and abs(float(rec) - ref) < 1e-6
-    zero, n0 = text_recon_loss(final, target, torch.zeros_like(mask))
+    zero, n0 = text_recon_loss(final, target, torch.zeros_like(mask), ignore_padding=True)
     assert n0 == 0 and float(zero) == 0.0 and torch.isfinite(zero)
     with pytest.raises(ValueError, match="text mask of shape"):
-        text_recon_loss(final, target, mask[:, :3])
+        text_recon_loss(final, target, mask[:, :3], ignore_padding=True)
 
 
-def test_denoise_mask_and_pseudo_huber_against_numpy():
-    g = torch.Generator().manual_seed(4)
-    pred, target = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
-    mask = (torch.rand(2, 1, 3, 3, generator=g) > 0.4).float()
+def _existing_pipeline_loss(pred, target, mask, c=None):
+    """Reference written from the existing pipeline's formulas (float64 numpy, not the project's code):
+    l = (p - t)^2, or sqrt((p - t)^2 + c^2) - c when pseudo_huber_c is set; l *= mask (broadcast,
+    empty = none); loss = mean(l) over all elements."""
     d = pred.double().numpy() - target.double().numpy()
-    w = np.broadcast_to(mask.double().numpy(), d.shape)
-    assert abs(float(denoise_loss(pred, target, mask)) - (w * d**2).sum() / w.sum()) < 1e-6
+    el = d ** 2 if c is None else np.sqrt(d ** 2 + c * c) - c
+    if mask is not None and mask.numel() > 0:
+        el = el * mask.double().numpy()
+    return el.mean()
+
+
+def _loss_fn(config, gamma=0.0):
+    pipe = LightSD3Pipeline.__new__(LightSD3Pipeline)  # as the note builds it: only the two configs
+    pipe.config, pipe.model_config = dict(config), {"text_recon_gamma": gamma, "text_recon_target_layer": 0}
+    return pipe.get_loss_fn()
+
+
+def test_gamma_zero_reproduces_the_existing_denoise_loss_with_mask_and_pseudo_huber():
+    g = torch.Generator().manual_seed(4)
+    pred, target = torch.randn(2, 4, 6, 6, generator=g), torch.randn(2, 4, 6, 6, generator=g)
+    mask = (torch.rand(2, 1, 6, 6, generator=g) > 0.4).float()  # the pipeline's (bs, 1, h, w) latent mask
+    soft = torch.rand(2, 1, 6, 6, generator=g)  # fractional weights too
     c = 0.3
-    hub = 2 * c * (np.sqrt(d**2 + c * c) - c)
-    assert abs(float(denoise_loss(pred, target, None, "pseudo_huber", c)) - hub.mean()) < 1e-6
-    assert abs(float(denoise_loss(pred, target, mask, "pseudo_huber", c)) - (w * hub).sum() / w.sum()) < 1e-6
+    for m in (torch.tensor([]), mask, soft):
+        for cfg, cc in (({}, None), ({"pseudo_huber_c": c}, c)):
+            ref = _existing_pipeline_loss(pred, target, m, cc)
+            got = float(_loss_fn(cfg)(pred, (target, m)))
+            assert abs(got - ref) <= 1e-6 * ref, (m.shape, cfg, got, ref)
+    # the normalised form is a different number here (the bug this default fixes); it stays an option
+    w = np.broadcast_to(mask.double().numpy(), pred.shape)
+    d = pred.double().numpy() - target.double().numpy()
+    norm = (w * d ** 2).sum() / w.sum()
+    assert abs(norm - _existing_pipeline_loss(pred, target, mask)) > 0.3 * norm
+    assert abs(float(_loss_fn({"masked_mean": True})(pred, (target, mask))) - norm) <= 1e-6 * norm
+    hub2 = 2 * c * (np.sqrt(d ** 2 + c * c) - c)
+    got = float(_loss_fn({"loss_type": "pseudo_huber_scaled", "pseudo_huber_c": c, "masked_mean": True})(pred, (target, mask)))
+    assert abs(got - (w * hub2).sum() / w.sum()) <= 1e-6 * got
+    assert abs(float(denoise_loss(pred, target, None, "pseudo_huber_scaled", c)) - hub2.mean()) < 1e-6
+    # gamma = 0 is bit-identical to the plain loss: without a mask F.mse_loss itself, and compute_losses
+    # with gamma 0 returns exactly denoise_loss
+    assert torch.equal(_loss_fn({})(pred, (target, torch.tensor([]))), F.mse_loss(pred, target))
+    for s in (LossSettings(), LossSettings("pseudo_huber", c)):
+        terms = compute_losses(pred, (target, mask), 0.0, s)
+        assert terms.recon is None and torch.equal(terms.total, denoise_loss(pred, target, mask, s.loss_type, s.pseudo_huber_c))
     with pytest.raises(ValueError, match="selects no element"):
-        denoise_loss(pred, target, torch.zeros(2, 1, 3, 3))
+        denoise_loss(pred, target, torch.zeros(2, 1, 6, 6), masked_mean=True)
+    assert float(denoise_loss(pred, target, torch.zeros(2, 1, 6, 6))) == 0.0  # mean(l*w): the pipeline's 0
     with pytest.raises(ValueError, match="does not broadcast"):
         denoise_loss(pred, target, torch.ones(3, 2))
-    # total = denoise + gamma * recon, with both parts reported
+
+
+def test_note_check_with_mask_pseudo_huber_and_padding():
+    """total = denoise + gamma * recon with the existing pipeline's parts, against formulas in the test."""
+    g = torch.Generator().manual_seed(5)
+    pred, target = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+    mask = (torch.rand(2, 1, 3, 3, generator=g) > 0.4).float()
     fin, tgt = torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g)
-    tm = torch.ones(2, 5, dtype=torch.bool)
-    terms = compute_losses((pred, fin, tgt), (target, mask, tm), gamma=0.25, loss_type="pseudo_huber", huber_c=c)
-    assert torch.equal(terms.total, terms.denoise + 0.25 * terms.recon) and terms.n_valid_tokens == 10
-    pipe = LightSD3Pipeline.__new__(LightSD3Pipeline)
-    pipe.config, pipe.model_config = {"loss_type": "l1"}, {}
-    with pytest.raises(ReconConfigError, match="loss_type: 'l1'"):
-        pipe.get_loss_fn()
+    tm = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    c, gamma = 0.2, 0.25
+    rec_all = ((fin.double() - tgt.double()) ** 2).mean().item()
+    got = float(_loss_fn({"pseudo_huber_c": c}, gamma)((pred, fin, tgt), (target, mask, tm)))
+    assert abs(got - (_existing_pipeline_loss(pred, target, mask, c) + gamma * rec_all)) < 1e-6
+    terms = compute_losses((pred, fin, tgt), (target, mask, tm), gamma, LossSettings("pseudo_huber", c))
+    assert torch.equal(terms.total, terms.denoise + gamma * terms.recon) and terms.n_valid_tokens == 10
+    terms = compute_losses((pred, fin, tgt), (target, mask, tm), gamma, LossSettings("pseudo_huber", c, ignore_padding=True))
+    assert terms.n_valid_tokens == 5
     with pytest.raises(ValueError, match="needs outputs"):
         compute_losses(pred, (target, None), gamma=0.5)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"huber_c": 0.1}, "huber_c: renamed to pseudo_huber_c"),
+    ({"loss_type": "l1"}, "loss_type: 'l1' is not one of"),
+    ({"loss_type": "mse", "pseudo_huber_c": 0.1}, "pseudo_huber_c: set .* but loss_type is mse"),
+    ({"loss_type": "pseudo_huber"}, "loss_type: pseudo_huber needs pseudo_huber_c"),
+    ({"pseudo_huber_c": 0}, "pseudo_huber_c: expected a number > 0"),
+    ({"masked_mean": "yes"}, "masked_mean: expected true or false"),
+])
+def test_bad_or_renamed_loss_keys_fail_naming_the_key(config, message):
+    with pytest.raises(ReconConfigError, match=message):
+        _loss_fn(config)
+    assert LossSettings.from_config({"pseudo_huber_c": 0.1}).loss_type == "pseudo_huber"  # the key alone selects it

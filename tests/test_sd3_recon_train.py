@@ -106,12 +106,31 @@ def test_text_mask_and_first_step_against_independent_flow_matching(study):
     assert not data["text_mask"][:, 77:].any()
     base_state = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
 
-    # independent reference of step 0: the same random draws, x_t from the scheduler's own scale_noise
+    # independent reference of step 0 under the default convention (the existing SD3 training): the same
+    # random draws; sigma = sigmoid(N(0,1)) then the scheduler's shift (3.0), model timestep sigma * 1000
     cfg = FineTuneConfig(gamma=0.0, steps=1, batch_size=2, seed=3, max_sequence_length=4)
     gen = torch.Generator().manual_seed(3)
     order = torch.randperm(4, generator=gen)
     ix = order[:2]
     x0 = data["latents"][ix]
+    noise = torch.randn(x0.shape, generator=gen)
+    s = 1.0 / (1.0 + torch.exp(-torch.randn(2, generator=gen)))
+    s = 3.0 * s / (1.0 + 2.0 * s)
+    x_t = (1.0 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * noise
+    with torch.no_grad():
+        v = pipe.transformer(hidden_states=x_t, timestep=s * 1000.0, encoder_hidden_states=data["prompt_embeds"][ix],
+                             pooled_projections=data["pooled"][ix], return_dict=False)[0]
+    ref = F.mse_loss(v, noise - x0)
+    res0, _ = fine_tune(pipe, data, cfg)
+    assert abs(res0.denoise[0] - float(ref)) <= 1e-6 * float(ref)
+    assert abs(res0.sigma[0] - float(s.mean())) < 1e-7
+    assert res0.total[0] == res0.denoise[0] and res0.recon[0] == 0.0 and not res0.recon_computed
+    assert res0.extra["shift"] == 3.0 and res0.extra["loss_convention"] == "mse, mean(l*w), text: all tokens"
+
+    # the option timestep_sampling: discrete = diffusers' training scripts: uniform index into the shifted
+    # table, x_t from the scheduler's own scale_noise
+    gen = torch.Generator().manual_seed(3)
+    order = torch.randperm(4, generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
     u = compute_density_for_timestep_sampling("uniform", 2, generator=gen)
     ti = (u * 1000).long()
@@ -123,19 +142,26 @@ def test_text_mask_and_first_step_against_independent_flow_matching(study):
     with torch.no_grad():
         v = pipe.transformer(hidden_states=x_t, timestep=t, encoder_hidden_states=data["prompt_embeds"][ix],
                              pooled_projections=data["pooled"][ix], return_dict=False)[0]
-    ref = F.mse_loss(v, noise - x0)
-    res0, _ = fine_tune(pipe, data, cfg)
-    assert abs(res0.denoise[0] - float(ref)) <= 1e-6 * float(ref)
-    assert res0.total[0] == res0.denoise[0] and res0.recon[0] == 0.0 and not res0.recon_computed
+    ref_d = F.mse_loss(v, noise - x0)
+    res_d, _ = fine_tune(pipe, data, FineTuneConfig(gamma=0.0, steps=1, batch_size=2, seed=3, max_sequence_length=4,
+                                                    timestep_sampling="discrete"))
+    assert abs(res_d.denoise[0] - float(ref_d)) <= 1e-6 * float(ref_d)
+    pipe.transformer.load_state_dict(base_state)
 
     # gamma > 0 from the same weights and seed: same first denoise loss (the capture does not change
-    # the forward), total = denoise + gamma * recon on every step, recon over the batch's valid tokens only
+    # the forward), total = denoise + gamma * recon on every step; the text MSE over all 2 x 81 tokens
+    # by default, over the batch's real tokens with ignore_padding
     pipe.transformer.load_state_dict(base_state)
     res, _ = fine_tune(pipe, data, FineTuneConfig(gamma=0.5, target_layer=1, steps=4, batch_size=2, seed=3, max_sequence_length=4))
     assert res.denoise[0] == res0.denoise[0]
     np.testing.assert_allclose(res.total, res.denoise + 0.5 * res.recon, rtol=1e-6)
     assert (res.recon > 0).all() and np.isfinite(res.total).all() and not res.skipped.any()
-    assert res.n_valid_tokens[0] == sum(n_tok[i] for i in ix.tolist())
+    assert (res.n_valid_tokens == 2 * 81).all()
+    pipe.transformer.load_state_dict(base_state)
+    res_p, _ = fine_tune(pipe, data, FineTuneConfig(gamma=0.5, target_layer=1, steps=4, batch_size=2, seed=3, max_sequence_length=4,
+                                                    ignore_padding=True))
+    assert res_p.denoise[0] == res0.denoise[0] and res_p.recon[0] != res.recon[0]
+    assert res_p.n_valid_tokens[0] == sum(n_tok[i] for i in ix.tolist())
     assert res.final_hook == "transformer_blocks.2.hook_text_out" and res.target_hook == "transformer_blocks.0.hook_text_out"
     changed = [k for k, w in pipe.transformer.state_dict().items() if not torch.equal(w, base_state[k])]
     assert len(changed) > 0
@@ -202,7 +228,9 @@ def test_probe_shard_checkpoint_merge_plot_and_plan(study, tmp_path, monkeypatch
                    "tiny_recon": {"family": "sd3", "source": "results/sd3_recon/checkpoints/tiny/gamma-0.5__target-1__seed-0"}},
         "datasets": {"toy": {"kind": "list", "path": str(lst)}},  # the index is built below
         "probes": {"sd3_recon_train": {"models": ["tiny"], "dataset": "toy", "gammas": [0.0, 0.5], "targets": [1],
-                                       "seeds": [0], "steps": 3, "max_sequence_length": 8}},
+                                       "seeds": [0], "steps": 3, "max_sequence_length": 8,
+                                       # the count check below is of the padding-excluding option's tokens
+                                       "ignore_padding": True}},
     }
     validate_config(cfg)
     plan = Plan(cfg, tmp_path)
@@ -237,6 +265,9 @@ def test_probe_shard_checkpoint_merge_plot_and_plan(study, tmp_path, monkeypatch
     np.testing.assert_allclose(on["total"], on["denoise"] + 0.5 * on["recon"], rtol=1e-6)
     assert (df[df["gamma"] == 0.0]["recon"] == 0).all() and (on["recon"] > 0).all()
     assert not df[df["gamma"] == 0.0]["recon_computed"].any() and on["recon_computed"].all()
+    # every row records the conventions its run used
+    assert (df["timestep_sampling"] == "logit_normal(mean=0, std=1)").all() and (df["shift"] == 3.0).all()
+    assert (df["loss_convention"] == "mse, mean(l*w), text: real tokens").all()
     # with T5 the valid targets include T5 positions: every step's count is a sum of two captions' counts,
     # each counted here straight from the tokenizers (CLIP: either tokenizer's mask; T5: its own, 8 positions)
     from itertools import combinations_with_replacement
@@ -264,3 +295,67 @@ def test_probe_shard_checkpoint_merge_plot_and_plan(study, tmp_path, monkeypatch
         with ShardWriter(tmp_path / "bad.h5", {}) as w:
             probe.run_shard(bad, w)
     assert not (tmp_path / "bad.h5").exists()
+
+
+def test_logit_normal_sigmas_follow_the_shifted_logit_normal_law():
+    """sample_timesteps against the law itself: sigma = s(3)(sigmoid(z)) with s(k)(x) = kx / (1 + (k-1)x) is
+    monotone, so its quantiles are s(3)(sigmoid(mean + std * Phi^-1(q))); t = 1000 sigma."""
+    from scipy.stats import norm
+
+    from layerscope.training import FineTuneConfig, sample_timesteps
+
+    def law(q, mean, std, k):
+        x = 1.0 / (1.0 + np.exp(-(mean + std * norm.ppf(q))))
+        return k * x / (1.0 + (k - 1.0) * x)
+
+    qs = np.array([0.1, 0.25, 0.5, 0.75, 0.9])
+    for mean, std, k in ((0.0, 1.0, 3.0), (0.5, 0.7, 1.0)):
+        cfg = FineTuneConfig(logit_mean=mean, logit_std=std)
+        sig, t = sample_timesteps(cfg, 40_000, torch.Generator().manual_seed(0), torch.empty(0), torch.empty(0), k)
+        assert torch.equal(t, sig * 1000)
+        np.testing.assert_allclose(np.quantile(sig.numpy(), qs), law(qs, mean, std, k), atol=6e-3)
+    # discrete: only values of the table, uniform over its indices
+    sigmas, tsteps = torch.linspace(1.0, 0.001, 1000), torch.linspace(1000.0, 1.0, 1000)
+    sig, t = sample_timesteps(FineTuneConfig(timestep_sampling="discrete"), 20_000, torch.Generator().manual_seed(0), sigmas, tsteps, 3.0)
+    idx = torch.searchsorted(-sigmas, -sig)
+    assert torch.equal(sigmas[idx], sig) and torch.equal(tsteps[idx], t)
+    assert abs(float(idx.float().mean()) - 499.5) < 6
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("huber_c", 0.1, "probes.sd3_recon_train.huber_c: renamed to pseudo_huber_c"),
+    ("loss_type", "pseudo_huber", "probes.sd3_recon_train.loss_type: pseudo_huber needs pseudo_huber_c"),
+    ("weighting", "mode", "probes.sd3_recon_train.weighting: applies to timestep_sampling: discrete only"),
+    ("timestep_sampling", "uniform", "probes.sd3_recon_train.timestep_sampling: 'uniform' is not one of"),
+])
+def test_renamed_and_contradictory_keys_fail_the_plan_in_one_line(study, tmp_path, key, value, message):
+    from layerscope.plan import ConfigError, Plan, validate_config
+
+    cfg = {"runtime": {"device": "cpu"}, "models": {"tiny": {"family": "sd3", "source": str(study["base"])}},
+           "datasets": {"toy": {"kind": "list", "path": str(study["index"])}},
+           "probes": {"sd3_recon_train": {"models": ["tiny"], "dataset": "toy", key: value}}}
+    with pytest.raises(ConfigError, match=message) as e:
+        validate_config(cfg)
+        Plan(cfg, tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_merge_refuses_a_shard_without_recorded_conventions(tmp_path):
+    """A shard from before the conventions were recorded cannot mix silently with new ones."""
+    from layerscope.h5io import Shard, ShardError, ShardWriter
+    from layerscope.probes.sd3_recon_train import SD3ReconTrain
+
+    arrays = {"step": np.arange(2), "denoise": np.ones(2), "recon": np.zeros(2), "total": np.ones(2), "sigma": np.full(2, 0.5),
+              "grad_norm": np.ones(2), "n_valid_tokens": np.zeros(2, np.int64), "skipped": np.zeros(2, bool)}
+    prov = {"probe": "sd3_recon_train", "model": "m", "axes": {"gamma": "0", "target": "0", "seed": "0"}, "config_hash": "h",
+            "data_digest": "d", "spec": {}}
+    attrs = {"recon_computed": False, "gamma": 0.0, "target_layer": 0}
+    conv = {"timestep_sampling": "logit_normal(mean=0, std=1)", "shift": 3.0, "loss_convention": "mse, mean(l*w), text: all tokens"}
+    with ShardWriter(tmp_path / "new.h5", prov) as w:
+        w.write("train/losses", arrays, attrs={**attrs, **conv})
+    with ShardWriter(tmp_path / "old.h5", prov) as w:
+        w.write("train/losses", arrays, attrs=attrs)
+    df = SD3ReconTrain().merge([Shard(tmp_path / "new.h5")])["losses"]
+    assert (df["loss_convention"] == conv["loss_convention"]).all() and (df["shift"] == 3.0).all()
+    with pytest.raises(ShardError, match=r"old\.h5: train/losses lacks timestep_sampling, shift, loss_convention"):
+        SD3ReconTrain().merge([Shard(tmp_path / "new.h5"), Shard(tmp_path / "old.h5")])

@@ -14,9 +14,14 @@ checkpoint that loads like any other model of the study:
 Both are written atomically (a temporary directory beside the target, renamed into place) and carry
 ``layerscope_checkpoint.json`` describing how they were made.
 
-Flow matching as in SD3 (notes: models-and-science.md): a training index i is drawn (uniform,
-logit-normal or mode density, diffusers' ``compute_density_for_timestep_sampling``),
-``sigma = sigmas[i]``, ``t = timesteps[i]``, ``x_t = (1 - sigma) x0 + sigma eps``, target ``eps - x0``.
+Flow matching as the existing SD3 training draws it (``timestep_sampling: logit_normal``, the
+default): a continuous ``sigma = sigmoid(logit_mean + logit_std * N(0, 1))``, then the shift
+``sigma' = shift * sigma / (1 + (shift - 1) * sigma)`` (``shift``: the config's, else the pipeline
+scheduler's), the model receives ``t = sigma' * num_train_timesteps``; ``x_t = (1 - sigma') x0 +
+sigma' eps``, target ``eps - x0``.  ``timestep_sampling: discrete`` is diffusers' training-script
+convention instead: an index i into the shifted discrete schedule drawn with density ``weighting``
+(uniform, logit_normal or mode; ``compute_density_for_timestep_sampling``), ``sigma = sigmas[i]``,
+``t = timesteps[i]``.
 """
 
 from __future__ import annotations
@@ -34,18 +39,19 @@ import numpy as np
 import torch
 
 from layerscope.models import ModelLoadError
-from layerscope.models.sd3_light import LOSS_TYPES, LightSD3Pipeline, ReconConfigError, compute_losses, final_hook_name, target_hook_name
+from layerscope.models.sd3_light import LightSD3Pipeline, LossSettings, ReconConfigError, compute_losses, final_hook_name, target_hook_name
+from layerscope.models.sd3_light_settings import TIMESTEP_SAMPLINGS, WEIGHTINGS, check_renamed, check_timestep_settings
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusion3Pipeline
 
 __all__ = ["FineTuneConfig", "TrainResult", "load_pipeline", "encode_dataset", "text_token_mask", "fine_tune",
-           "save_checkpoint", "CHECKPOINT_MANIFEST", "DEFAULT_LORA_TARGETS"]
+           "save_checkpoint", "sample_timesteps", "CHECKPOINT_MANIFEST", "DEFAULT_LORA_TARGETS", "TIMESTEP_SAMPLINGS",
+           "WEIGHTINGS"]
 
 CHECKPOINT_MANIFEST = "layerscope_checkpoint.json"
 # SD3 joint-attention projections: image stream (to_q/k/v, to_out.0) and text stream (add_*_proj, to_add_out)
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-WEIGHTINGS = ("uniform", "logit_normal", "mode")
 
 
 @dataclass(frozen=True)
@@ -64,12 +70,16 @@ class FineTuneConfig:
     lora_rank: int = 4
     lora_alpha: float = 4.0
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    weighting: str = "uniform"  # timestep density: uniform | logit_normal | mode
+    timestep_sampling: str = "logit_normal"  # logit_normal (continuous sigma, then shift) | discrete
+    shift: float | None = None  # None: the pipeline scheduler's shift
+    weighting: str | None = None  # discrete only: index density uniform (None) | logit_normal | mode
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
-    loss_type: str = "mse"
-    huber_c: float = 0.1
+    loss_type: str | None = None  # None: pseudo_huber when pseudo_huber_c is set, else mse
+    pseudo_huber_c: float | None = None
+    masked_mean: bool = False
+    ignore_padding: bool = False
     image_size: int = 0  # 0: transformer.sample_size * vae_scale_factor
     max_sequence_length: int = 77  # T5 part of the joint text sequence
     max_images: int = 0  # 0: all
@@ -77,10 +87,8 @@ class FineTuneConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("full", "lora"):
             raise ReconConfigError(f"mode: {self.mode!r} is not one of full, lora")
-        if self.weighting not in WEIGHTINGS:
-            raise ReconConfigError(f"weighting: {self.weighting!r} is not one of {', '.join(WEIGHTINGS)}")
-        if self.loss_type not in LOSS_TYPES:
-            raise ReconConfigError(f"loss_type: {self.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+        check_timestep_settings(self.timestep_sampling, self.weighting, self.shift)
+        self.loss_settings  # validates loss_type / pseudo_huber_c / masked_mean / ignore_padding
         for key in ("steps", "batch_size", "max_sequence_length", "lora_rank"):
             if int(getattr(self, key)) < 1:
                 raise ReconConfigError(f"{key}: must be >= 1, got {getattr(self, key)!r}")
@@ -91,7 +99,41 @@ class FineTuneConfig:
 
     @property
     def loss_config(self) -> dict[str, Any]:
-        return {"loss_type": self.loss_type, "huber_c": float(self.huber_c)}
+        """The loss keys as the sd3_light pipeline's ``config`` takes them."""
+        out: dict[str, Any] = {"masked_mean": self.masked_mean, "ignore_padding": self.ignore_padding}
+        if self.loss_type is not None:
+            out["loss_type"] = self.loss_type
+        if self.pseudo_huber_c is not None:
+            out["pseudo_huber_c"] = float(self.pseudo_huber_c)
+        return out
+
+    @property
+    def loss_settings(self) -> LossSettings:
+        return LossSettings.from_config(self.loss_config)
+
+
+def sample_timesteps(cfg: FineTuneConfig, batch_size: int, generator: torch.Generator, sigmas: torch.Tensor,
+                     timesteps: torch.Tensor, shift: float, num_train_timesteps: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma [B], model timestep [B]) of one training batch, drawn on the CPU from ``generator``.
+
+    ``logit_normal``: ``sigma = sigmoid(logit_mean + logit_std * z)``, z ~ N(0, 1), then
+    ``sigma = shift * sigma / (1 + (shift - 1) * sigma)`` and ``t = sigma * num_train_timesteps``
+    (the existing SD3 training and sd-scripts' ``shift`` sampling; continuous sigma).
+    ``discrete``: ``i = floor(u * n)`` with u from ``weighting``'s density, ``sigma = sigmas[i]``,
+    ``t = timesteps[i]`` (diffusers' SD3 training scripts; ``sigmas``/``timesteps`` are the shifted
+    training schedule)."""
+    if cfg.timestep_sampling == "logit_normal":
+        z = torch.randn(batch_size, generator=generator)
+        s = torch.sigmoid(cfg.logit_mean + cfg.logit_std * z)
+        s = shift * s / (1.0 + (shift - 1.0) * s)
+        return s, s * num_train_timesteps
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    u = compute_density_for_timestep_sampling(cfg.weighting or "uniform", batch_size, logit_mean=cfg.logit_mean,
+                                              logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, generator=generator)
+    n = len(sigmas)
+    ti = (u * n).long().clamp(0, n - 1)
+    return sigmas[ti], timesteps[ti]
 
 
 @dataclass
@@ -198,7 +240,6 @@ def fine_tune(pipe: "StableDiffusion3Pipeline", data: Mapping[str, torch.Tensor]
               on_step: Callable[[int, dict[str, float]], None] | None = None) -> tuple[TrainResult, Any]:
     """Train ``pipe.transformer`` in place; return the per-step record and the peft model (lora) or None."""
     from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.training_utils import compute_density_for_timestep_sampling
 
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)  # LoRA init
@@ -208,10 +249,13 @@ def fine_tune(pipe: "StableDiffusion3Pipeline", data: Mapping[str, torch.Tensor]
     n_layers = len(tr.transformer_blocks)
     params = [p for p in tr.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)  # own copy: set_timesteps() mutates
+    shift = float(cfg.shift if cfg.shift is not None else pipe.scheduler.config.get("shift", 1.0))
+    # own copy (set_timesteps() mutates); the discrete table carries the same shift
+    sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=shift)
     sigmas_all = sched.sigmas.float()
     tsteps_all = sched.timesteps.float()
-    n_train = len(sigmas_all)
+    n_train_timesteps = int(sched.config.num_train_timesteps)
+    loss_settings = cfg.loss_settings
     dev = next(tr.parameters()).device
     lat, pe, pooled, tmask = data["latents"], data["prompt_embeds"], data["pooled"], data["text_mask"]
     n = lat.shape[0]
@@ -234,14 +278,12 @@ def fine_tune(pipe: "StableDiffusion3Pipeline", data: Mapping[str, torch.Tensor]
             ix = torch.tensor(idx)
             x0 = lat[ix]
             noise = torch.randn(x0.shape, generator=gen).to(dev)
-            u = compute_density_for_timestep_sampling(cfg.weighting, cfg.batch_size, logit_mean=cfg.logit_mean,
-                                                      logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, generator=gen)
-            ti = (u * n_train).long().clamp(0, n_train - 1)
-            sigma = sigmas_all[ti].to(dev).view(-1, 1, 1, 1)
+            sig, tstep = sample_timesteps(cfg, cfg.batch_size, gen, sigmas_all, tsteps_all, shift, n_train_timesteps)
+            sigma = sig.to(dev).view(-1, 1, 1, 1)
             x_t = (1.0 - sigma) * x0 + sigma * noise
             target = noise - x0
-            out = light(x_t.to(tr.dtype), tsteps_all[ti].to(dev), pe[ix].to(tr.dtype), pooled[ix].to(tr.dtype))
-            terms = compute_losses(out, (target, None, tmask[ix]), cfg.gamma, cfg.loss_type, cfg.huber_c)
+            out = light(x_t.to(tr.dtype), tstep.to(dev), pe[ix].to(tr.dtype), pooled[ix].to(tr.dtype))
+            terms = compute_losses(out, (target, None, tmask[ix]), cfg.gamma, loss_settings)
             opt.zero_grad(set_to_none=True)
             finite = bool(torch.isfinite(terms.total))
             gnorm = float("nan")
@@ -267,7 +309,9 @@ def fine_tune(pipe: "StableDiffusion3Pipeline", data: Mapping[str, torch.Tensor]
     result = TrainResult(rec["denoise"], rec["recon"], rec["total"], rec["sigma"], rec["grad_norm"], n_valid, skipped,
                          recon_computed=cfg.gamma > 0, trainable_params=sum(p.numel() for p in params),
                          final_hook=final_hook_name(n_layers), target_hook=target_hook_name(cfg.target_layer),
-                         seconds=time.perf_counter() - t0)
+                         seconds=time.perf_counter() - t0,
+                         extra={"shift": shift, "timestep_sampling": cfg.timestep_sampling,
+                                "loss_convention": loss_settings.describe()})
     return result, peft_model
 
 
@@ -305,7 +349,9 @@ def save_checkpoint(pipe: "StableDiffusion3Pipeline", peft_model: Any, out_dir: 
 
 
 def config_from_probe(probe_cfg: Mapping[str, Any], gamma: float, target_layer: int, seed: int) -> FineTuneConfig:
-    """FineTuneConfig from the probe config (keys of the same names; unknown keys ignored)."""
+    """FineTuneConfig from the probe config (keys of the same names; the schema refuses unknown
+    keys, and the renamed ``huber_c`` is refused here too)."""
+    check_renamed(probe_cfg)
     names = {f for f in FineTuneConfig.__dataclass_fields__} - {"gamma", "target_layer", "seed"}
     kw = {k: probe_cfg[k] for k in names if k in probe_cfg and probe_cfg[k] is not None}
     if "lora_targets" in kw:

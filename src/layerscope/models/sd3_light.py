@@ -6,10 +6,11 @@ chosen *target layer*::
 
     loss = denoise + gamma * text_recon
 
-* ``denoise`` - MSE between predicted and target velocity (optional element mask; optional
-  pseudo-Huber instead of the square), exactly the plain loss when the reconstruction is off;
-* ``text_recon`` - token-wise MSE between the final text tokens and the target tokens, over valid
-  (non-padding) target tokens only.
+* ``denoise`` - the existing pipeline's loss: MSE between predicted and target velocity, or
+  pseudo-Huber ``sqrt(d^2 + c^2) - c`` when ``pseudo_huber_c`` is set, times an optional element mask
+  and averaged over all elements (``mean(l * w)``); exactly the plain loss when the reconstruction is off;
+* ``text_recon`` - token-wise MSE between the final text tokens and the target tokens, averaged over
+  all tokens as the note's per-token MSE (``ignore_padding`` restricts it to real tokens).
 
 Model config keys (``model_config``): ``text_recon_gamma`` (float >= 0, default 0.0 = off) and
 ``text_recon_target_layer`` (int, default 0): 0 = the text tokens entering the MMDiT (output of
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from layerscope.errors import ConfigError
+from layerscope.models.sd3_light_settings import LOSS_TYPES, LossSettings, ReconConfigError
 
 if TYPE_CHECKING:
     from diffusers import SD3Transformer2DModel
@@ -46,14 +47,8 @@ if TYPE_CHECKING:
 __all__ = [
     "ReconConfigError", "TextReconConfig", "TextTokenCapture", "LightSD3Pipeline", "LossTerms",
     "valid_target_layers", "final_text_block", "target_hook_name", "final_hook_name",
-    "denoise_loss", "text_recon_loss", "compute_losses", "LOSS_TYPES",
+    "denoise_loss", "text_recon_loss", "compute_losses", "LOSS_TYPES", "LossSettings",
 ]
-
-LOSS_TYPES = ("mse", "pseudo_huber")
-
-
-class ReconConfigError(ConfigError):
-    """A bad text-reconstruction or loss setting; the message names the config key."""
 
 
 def valid_target_layers(num_layers: int) -> range:
@@ -180,13 +175,15 @@ def _is_empty(t: torch.Tensor | None) -> bool:
 
 
 def denoise_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
-                 loss_type: str = "mse", huber_c: float = 0.1) -> torch.Tensor:
+                 loss_type: str = "mse", pseudo_huber_c: float | None = None, masked_mean: bool = False) -> torch.Tensor:
     """The plain denoising loss in float32.
 
     ``mse`` without a mask is ``F.mse_loss(pred.float(), target.float())``, bit for bit.
-    ``pseudo_huber`` is ``2c (sqrt(d^2 + c^2) - c)``: ~d^2 for |d| << c (so it matches MSE's scale
-    there) and ~2c|d| for large residuals.  ``mask`` (broadcastable to ``pred``; empty = none)
-    weights elements: sum(w * l) / sum(w)."""
+    ``pseudo_huber`` is the existing pipeline's ``sqrt(d^2 + c^2) - c`` (~d^2/(2c) for |d| << c,
+    ~|d| for large residuals); ``pseudo_huber_scaled`` is ``2c (sqrt(d^2 + c^2) - c)`` (~d^2 for small
+    residuals, MSE's scale).  ``mask`` (broadcastable to ``pred``; empty = none) weights elements:
+    ``mean(l * w)`` over all elements as the existing pipeline does (default), or
+    ``sum(l * w) / sum(w)`` with ``masked_mean`` (the loss per supervised element)."""
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
     if loss_type not in LOSS_TYPES:
@@ -198,30 +195,38 @@ def denoise_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | 
     if loss_type == "mse":
         el = d ** 2
     else:
-        c = float(huber_c)
-        el = 2.0 * c * (torch.sqrt(d ** 2 + c * c) - c)
+        if pseudo_huber_c is None:
+            raise ReconConfigError(f"loss_type: {loss_type} needs pseudo_huber_c (the pseudo-Huber constant c)")
+        c = float(pseudo_huber_c)
+        el = torch.sqrt(d ** 2 + c * c) - c
+        if loss_type == "pseudo_huber_scaled":
+            el = 2.0 * c * el
     if _is_empty(mask):
         return el.mean()
     try:
         w = torch.broadcast_to(mask.to(device=el.device, dtype=torch.float32), el.shape)
     except RuntimeError:
         raise ValueError(f"loss mask of shape {tuple(mask.shape)} does not broadcast to the prediction {tuple(el.shape)}") from None
+    if not masked_mean:
+        return (el * w).mean()
     denom = w.sum()
     if not bool(denom > 0):
         raise ValueError("loss mask selects no element (its sum is 0): nothing to supervise")
     return (el * w).sum() / denom
 
 
-def text_recon_loss(final: torch.Tensor, target: torch.Tensor, text_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """Token-wise MSE over valid target tokens: mean over valid tokens of the mean over channels.
+def text_recon_loss(final: torch.Tensor, target: torch.Tensor, text_mask: torch.Tensor | None = None,
+                    ignore_padding: bool = False) -> tuple[torch.Tensor, int]:
+    """Token-wise MSE: the mean over tokens of each token's mean squared error over channels.
 
-    ``final``/``target``: [..., tokens, channels]; ``text_mask``: bool [..., tokens] (True = real
-    text token; empty/None = all valid).  The target is detached here as well.  With no valid
-    token the term is 0 (and the count says so) rather than NaN."""
+    By default every token counts, padding included, as in note 001 (its per-token MSE and its
+    minimal check); returns (loss, number of tokens averaged).  With ``ignore_padding`` only real
+    text tokens (``text_mask`` True; bool [..., tokens]) count; with none the term is 0 (and the
+    count says so) rather than NaN.  The target is detached here as well."""
     if final.shape != target.shape:
         raise ValueError(f"final text tokens {tuple(final.shape)} and target tokens {tuple(target.shape)} differ in shape")
     per_token = ((final.float() - target.detach().float()) ** 2).mean(dim=-1)
-    if _is_empty(text_mask):
+    if not ignore_padding or _is_empty(text_mask):
         return per_token.mean(), int(per_token.numel())
     if tuple(text_mask.shape) != tuple(per_token.shape):
         raise ValueError(f"text mask of shape {tuple(text_mask.shape)} does not match the text tokens {tuple(per_token.shape)}")
@@ -233,9 +238,10 @@ def text_recon_loss(final: torch.Tensor, target: torch.Tensor, text_mask: torch.
 
 
 def compute_losses(outputs: torch.Tensor | Sequence[torch.Tensor], targets: Sequence[torch.Tensor | None],
-                   gamma: float = 0.0, loss_type: str = "mse", huber_c: float = 0.1) -> LossTerms:
+                   gamma: float = 0.0, settings: LossSettings | None = None) -> LossTerms:
     """``outputs``: the velocity, or (velocity, final tokens, target tokens) when gamma > 0.
     ``targets``: (velocity target, element mask[, text-token mask]); masks may be empty tensors."""
+    s = settings if settings is not None else LossSettings()
     target, mask = targets[0], (targets[1] if len(targets) > 1 else None)
     text_mask = targets[2] if len(targets) > 2 else None
     if gamma > 0:
@@ -246,10 +252,10 @@ def compute_losses(outputs: torch.Tensor | Sequence[torch.Tensor], targets: Sequ
         if not isinstance(outputs, torch.Tensor):
             raise ValueError("text_recon_gamma = 0 takes the plain velocity output, got a tuple (is the capture on?)")
         pred = outputs
-    den = denoise_loss(pred, target, mask, loss_type, huber_c)
+    den = denoise_loss(pred, target, mask, s.loss_type, s.pseudo_huber_c, s.masked_mean)
     if gamma <= 0:
         return LossTerms(den, den, None, 0)
-    rec, n = text_recon_loss(final, tgt_tokens, text_mask)
+    rec, n = text_recon_loss(final, tgt_tokens, text_mask, s.ignore_padding)
     return LossTerms(den + gamma * rec, den, rec, n)
 
 
@@ -257,7 +263,8 @@ class LightSD3Pipeline:
     """The SD3 MMDiT forward + loss of ``sd3_light``.
 
     ``model_config`` holds ``text_recon_gamma`` / ``text_recon_target_layer``; ``config`` the loss
-    settings ``loss_type`` (mse | pseudo_huber, default mse) and ``huber_c`` (default 0.1).  Call
+    settings of :class:`LossSettings` (``pseudo_huber_c``, ``loss_type``, ``masked_mean``,
+    ``ignore_padding``; an empty config is the existing pipeline's plain MSE).  Call
     :meth:`close` (or use it as a context manager) to remove the capture hooks."""
 
     def __init__(self, transformer: "SD3Transformer2DModel", model_config: Mapping[str, Any] | None = None,
@@ -291,24 +298,19 @@ class LightSD3Pipeline:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def loss_settings(self) -> tuple[float, str, float]:
+    def loss_settings(self) -> tuple[float, LossSettings]:
+        """(gamma, loss settings) from ``model_config`` and ``config`` (keys as in the existing pipeline)."""
         recon = TextReconConfig.from_model_config(self.model_config)
-        loss_type = self.config.get("loss_type", "mse")
-        if loss_type not in LOSS_TYPES:
-            raise ReconConfigError(f"loss_type: {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
-        huber_c = self.config.get("huber_c", 0.1)
-        if isinstance(huber_c, bool) or not isinstance(huber_c, (int, float)) or not float(huber_c) > 0:
-            raise ReconConfigError(f"huber_c: expected a number > 0, got {huber_c!r}")
-        return recon.gamma, loss_type, float(huber_c)
+        return recon.gamma, LossSettings.from_config(self.config)
 
     def get_loss_fn(self) -> Callable[..., torch.Tensor]:
         """``loss_fn(outputs, (target, mask[, text_mask])) -> loss`` as in the note: denoise + gamma * recon.
 
         Reads only ``self.config`` and ``self.model_config``, so it works on an instance made with
         ``__new__`` (the note's minimal check)."""
-        gamma, loss_type, huber_c = self.loss_settings()
+        gamma, settings = self.loss_settings()
 
         def loss_fn(outputs: Any, targets: Sequence[torch.Tensor | None]) -> torch.Tensor:
-            return compute_losses(outputs, targets, gamma, loss_type, huber_c).total
+            return compute_losses(outputs, targets, gamma, settings).total
 
         return loss_fn

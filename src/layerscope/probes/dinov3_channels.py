@@ -45,6 +45,19 @@ def hook_name(layer: int, rep: str) -> str:
     }[rep]
 
 
+DEFAULT_STD_EPS = 1e-8  # note 004's script: std = sqrt(var + 1e-8)
+
+
+def channel_std(var: Any, eps: float = DEFAULT_STD_EPS) -> Any:
+    """Per-channel std as note 004's script reports it, ``sqrt(var + eps)`` (population variance);
+    ``eps = 0`` gives the plain ``sqrt(var)``.  Applied at merge time to the merged variance, so
+    shards stay eps-free and the choice can change without rerunning them.  NaN (no finite value
+    seen) stays NaN."""
+    import numpy as np
+
+    return np.sqrt(np.maximum(var, 0.0) + eps)
+
+
 def massive_mask(top1: Any, median: Any, abs_threshold: float, ratio: float) -> Any:
     """Sun et al.'s criterion for a massive activation: |x| > abs_threshold and > ratio x median |x|."""
     return (top1 > abs_threshold) & (top1 > ratio * median)
@@ -190,6 +203,7 @@ class DinoV3Channels(Probe):
 
         cfg = shards[0].json_attr("spec")["probe_cfg"]
         abs_thr, ratio = float(cfg.get("massive_abs", 100.0)), float(cfg.get("massive_ratio", 1000.0))
+        std_eps = float(cfg.get("std_eps", DEFAULT_STD_EPS))
         chan_rows, layer_rows, outlier_rows = [], [], []
         for g, (mom, hist, tk, attrs) in sorted(self.merged_stats(shards).items(), key=lambda kv: (kv[1][3]["layer"], kv[0])):
             _, hook, role = g.split("/")
@@ -197,7 +211,8 @@ class DinoV3Channels(Probe):
             C = mom.channels
             chan_rows.append(pd.DataFrame({
                 "hook": hook, "layer": layer, "rep": rep, "role": role, "channel": np.arange(C),
-                "count": mom.count, "mean": mom.mean, "std": mom.std, "max_abs": mom.max_abs, "nonfinite": mom.nonfinite,
+                "count": mom.count, "mean": mom.mean, "std": channel_std(mom.var, std_eps), "max_abs": mom.max_abs,
+                "nonfinite": mom.nonfinite,
             }))
             median = hist.median
             top = list(tk.value[:3]) + [np.nan] * (3 - min(3, len(tk.value)))
@@ -205,7 +220,7 @@ class DinoV3Channels(Probe):
             layer_rows.append({
                 "hook": hook, "layer": layer, "rep": rep, "role": role, "tokens": int(mom.count.max(initial=0)),
                 "values": hist.total, "nonfinite": int(mom.nonfinite.sum()),
-                "std_mean": float(np.nanmean(mom.std)), "max_abs": float(mom.max_abs.max(initial=0.0)),
+                "std_mean": float(np.nanmean(channel_std(mom.var, std_eps))), "max_abs": float(mom.max_abs.max(initial=0.0)),
                 "top1": top[0], "top2": top[1], "top3": top[2],
                 "top1_channel": topc[0], "top2_channel": topc[1], "top3_channel": topc[2],
                 "median_abs": median, "top1_over_median": top[0] / median if median > 0 else np.inf,

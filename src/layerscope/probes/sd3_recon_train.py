@@ -11,7 +11,9 @@ e.g. for the sd3_textgrad probe, so one study compares per-block text influence 
 training.  The checkpoint is complete before the shard is: a shard on disk implies its checkpoint.
 
 Shard layout: group ``train/losses`` with float64 arrays ``step, denoise, recon, total, sigma,
-grad_norm`` (one entry per optimizer step), int64 ``n_valid_tokens`` and bool ``skipped``; root
+grad_norm`` (one entry per optimizer step), int64 ``n_valid_tokens`` (tokens the text MSE averaged)
+and bool ``skipped``, with attributes ``timestep_sampling``, ``shift`` and ``loss_convention`` (the
+conventions used; columns of the losses table); root
 attributes ``checkpoint``, ``checkpoint_kind``, ``final_hook``, ``target_hook``, ``trainable_params``,
 ``train_seconds``, ``n_images``.
 """
@@ -30,6 +32,19 @@ if TYPE_CHECKING:
 
 DEFAULT_CHECKPOINT_ROOT = "results/sd3_recon/checkpoints"
 LOSS_COLUMNS = ("denoise", "recon", "total", "sigma", "grad_norm")
+# how the run drew timesteps and computed its loss: group attributes of train/losses, columns of the table
+CONVENTION_COLUMNS = ("timestep_sampling", "shift", "loss_convention")
+
+
+def convention_attrs(cfg: Any, shift: float) -> dict[str, Any]:
+    """The conventions a run used, recorded beside its losses (so runs made under different defaults
+    never mix unnoticed), e.g. timestep_sampling 'logit_normal(mean=0, std=1)', shift 3.0,
+    loss_convention 'mse, mean(l*w), text: all tokens'."""
+    if cfg.timestep_sampling == "logit_normal":
+        ts = f"logit_normal(mean={cfg.logit_mean:g}, std={cfg.logit_std:g})"
+    else:
+        ts = f"discrete({cfg.weighting or 'uniform'})"
+    return {"timestep_sampling": ts, "shift": float(shift), "loss_convention": cfg.loss_settings.describe()}
 
 
 def gamma_label(g: float) -> str:
@@ -63,7 +78,15 @@ class SD3ReconTrain(Probe):
         return {"checkpoint": root + "/{model}/{shard}/"}
 
     def check_config(self, probe_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+        from layerscope.models.sd3_light_settings import LossSettings, ReconConfigError, check_timestep_settings
         from layerscope.plan import ConfigError
+
+        try:  # renamed keys, loss and timestep settings that contradict each other: before any job (torch-free)
+            LossSettings.from_config(probe_cfg)
+            check_timestep_settings(probe_cfg.get("timestep_sampling", "logit_normal"), probe_cfg.get("weighting"),
+                                    probe_cfg.get("shift"))
+        except ReconConfigError as e:
+            raise ConfigError(f"config field probes.{self.name}.{e}") from None
 
         for key in ("gammas", "targets", "seeds"):
             vals = list(probe_cfg.get(key, []))
@@ -127,7 +150,8 @@ class SD3ReconTrain(Probe):
             "step": np.arange(cfg.steps, dtype=np.int64), "denoise": result.denoise, "recon": result.recon,
             "total": result.total, "sigma": result.sigma, "grad_norm": result.grad_norm,
             "n_valid_tokens": result.n_valid_tokens, "skipped": result.skipped,
-        }, attrs={"recon_computed": result.recon_computed, "gamma": cfg.gamma, "target_layer": cfg.target_layer})
+        }, attrs={"recon_computed": result.recon_computed, "gamma": cfg.gamma, "target_layer": cfg.target_layer,
+                  **convention_attrs(cfg, result.extra["shift"])})
         writer.set_attr("checkpoint", str(ckpt))
         writer.set_attr("checkpoint_kind", "pipeline" if peft_model is None else "lora")
         writer.set_attr("final_hook", result.final_hook)
@@ -157,6 +181,13 @@ class SD3ReconTrain(Probe):
             df.insert(0, "gamma", float(ax["gamma"]))  # no 'model' column: plot_from_tables adds it
             df.insert(1, "target", int(ax["target"]))
             df.insert(2, "seed", int(ax["seed"]))
+            gattrs = sh.group_attrs.get("train/losses", {})
+            missing = [c for c in CONVENTION_COLUMNS if c not in gattrs]
+            if missing:
+                raise ShardError(f"{sh.path}: train/losses lacks {', '.join(missing)} (written before conventions were "
+                                 "recorded); rerun the shard")
+            for c in CONVENTION_COLUMNS:
+                df[c] = gattrs[c]
             df["final_hook"] = sh.attrs.get("final_hook")
             df["target_hook"] = sh.attrs.get("target_hook")
             df["checkpoint"] = sh.attrs.get("checkpoint")
