@@ -268,7 +268,8 @@ def test_shard_merge_and_figures(tmp_path, tiny_dir, dataset, pipe):
     from layerscope.data import load_image, read_index
 
     probe = P.SD3TextGrad()
-    shards = [run(tmp_path, tiny_dir, dataset, {"timestep": "300", "seed": str(s), "slice": sl}, save_token_scores=True)
+    shards = [run(tmp_path, tiny_dir, dataset, {"timestep": "300", "seed": str(s), "slice": sl}, save_token_scores=True,
+                  timestep_convention="schedule_index")
               for s in (0, 1) for sl in ("0of2", "1of2")]
     tables = probe.merge(shards)
     smp = tables["samples"]
@@ -343,7 +344,9 @@ def test_bad_timestep_and_layers_name_the_field(tmp_path, tiny_dir, dataset):
     from layerscope.plan import ConfigError
 
     with pytest.raises(ConfigError, match="timesteps: index 1000"):
-        run(tmp_path, tiny_dir, dataset, {"timestep": "1000", "seed": "0", "slice": "0of1"})
+        run(tmp_path, tiny_dir, dataset, {"timestep": "1000", "seed": "0", "slice": "0of1"}, timestep_convention="schedule_index")
+    with pytest.raises(ConfigError, match="timesteps: timestep 1001 outside 0..1000"):
+        run(tmp_path, tiny_dir, dataset, {"timestep": "1001", "seed": "0", "slice": "0of1"})
     with pytest.raises(ConfigError, match="layers: \\[7\\]"):
         run(tmp_path, tiny_dir, dataset, {"timestep": "10", "seed": "0", "slice": "0of1"}, layers=[1, 7])
 
