@@ -369,3 +369,161 @@ def test_lora_saved_by_peftmodel_matches_peft_forward(pipe, tiny_dir, tmp_path):
         plain = pipe.transformer(**kw, return_dict=False)[0]
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     assert float((ref - plain).abs().max()) > 1e-3
+
+
+# ----------------------------------------------------------------------------- note parity (issue 15)
+def test_note_timestep_convention_gives_sigma_t_over_1000(tmp_path, tiny_dir, dataset, pipe):
+    """The note's script: sigma = t / num_train_timesteps (no shift), the model is fed t itself."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from layerscope.data import load_image, read_index
+
+    sch = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    for t in (0, 1, 250, 500, 900, 999, 1000):
+        assert P.resolve_timestep(t, "note", sch) == (t / 1000, float(t))
+    # the project's schedule index 250 is the note's 900, 750 the note's 500 (shift 3)
+    assert P.resolve_timestep(250, "schedule_index", sch) == pytest.approx((0.9, 900.0), rel=1e-6)
+    assert P.resolve_timestep(750, "schedule_index", sch) == pytest.approx((0.5, 500.0), rel=1e-6)
+
+    sh = run(tmp_path, tiny_dir, dataset, {"timestep": "900", "seed": "3", "slice": "0of1"})
+    assert (sh.attrs["timestep_convention"], sh.attrs["sigma"], sh.attrs["timestep"]) == ("note", 0.9, 900.0)
+    # the script's noising, written from its formula: x_t = (1 - t/T) z0 + (t/T) eps, timestep a long tensor t
+    rec = read_index(dataset["index"])[2]
+    with torch.no_grad():
+        pe, _, pooled, _ = pipe.encode_prompt(prompt=[rec.caption], prompt_2=None, prompt_3=None, device=CPU,
+                                              do_classifier_free_guidance=False, max_sequence_length=MSL)
+        pix = pipe.image_processor.preprocess([load_image(rec.path, 32)], height=32, width=32)
+        z0 = (pipe.vae.encode(pix).latent_dist.mode() - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+        s = torch.full((1,), 900, dtype=torch.long).float().view(1, 1, 1, 1) / 1000.0
+        xt = (1.0 - s) * z0 + s * P.noise_for(3, rec.image_id, z0.shape[1:])[None]
+        out = pipe.transformer(hidden_states=xt, timestep=torch.full((1,), 900, dtype=torch.long),
+                               encoder_hidden_states=pe, pooled_projections=pooled, return_dict=False)[0]
+    row = list(sh.groups["inputs"]["image_id"]).index(rec.image_id)
+    assert sh.groups["inputs"]["objective"][row] == pytest.approx(float(out.double().pow(2).sum()), rel=1e-5)
+    tables = P.SD3TextGrad().merge([sh])
+    smp = tables["samples"]
+    assert set(smp["timestep_convention"]) == {"note"} and set(smp["sigma"]) == {0.9} and set(smp["timestep"]) == {900.0}
+    assert set(smp["timestep_index"]) == {900}
+
+
+def test_pooled_curves_equal_brute_force_from_token_scores(tmp_path, tiny_dir, dataset):
+    """The note pools each pair's token scores over timesteps x seeds, then computes the metrics,
+    then averages over pairs; recomputed here from the stored per-token scores with numpy."""
+    from scipy import stats as sps
+
+    shards = [run(tmp_path, tiny_dir, dataset, {"timestep": t, "seed": s, "slice": sl})
+              for t in ("200", "800") for s in ("0", "1") for sl in ("0of2", "1of2")]
+    pooled = P.SD3TextGrad().merge(shards[::-1])["pooled"]  # order must not matter
+    topk = 3
+    for block in range(4):
+        hook = f"stats/transformer_blocks.{block}.hook_text_grad"
+        for tkey in ("all", "200"):
+            per_pair = {"strength": [], "topk_mass": [], "entropy": []}
+            for img in range(3):
+                vecs, mask = [], None
+                for sh in shards:
+                    if tkey != "all" and sh.attrs["timestep_index"] != int(tkey):
+                        continue
+                    ids = list(sh.groups[hook]["image_id"])
+                    if img in ids:
+                        r = ids.index(img)
+                        vecs.append(sh.groups[hook]["token_scores"][r].astype(np.float64))
+                        mask = sh.groups["inputs"]["token_mask"][r].astype(bool)
+                assert len(vecs) == (4 if tkey == "all" else 2)
+                v = (sum(vecs) / len(vecs))[mask]
+                p = v / v.sum()
+                per_pair["strength"].append(v.mean())
+                per_pair["topk_mass"].append(sum(sorted(v)[-topk:]) / v.sum())
+                per_pair["entropy"].append(-sum(pi * math.log(pi + 1e-12) for pi in p))
+            row = pooled[(pooled.block == block) & (pooled.timestep_index == tkey)].iloc[0]
+            assert row.pairs == 3 and row.samples_per_pair == len(vecs) and row.nonfinite == 0
+            for m, vals in per_pair.items():
+                vals = np.array(vals)
+                assert row[m] == pytest.approx(vals.mean(), rel=1e-9)
+                half = sps.t.ppf(0.975, 2) * vals.std(ddof=1) / math.sqrt(3)
+                assert row[f"{m}_ci_high"] - row[m] == pytest.approx(half, rel=1e-6)
+    # pooling before the metrics is not the mean of per-row metrics (the project's per-row table)
+    blk = P.SD3TextGrad().merge(shards)["blocks"]
+    r = blk[(blk.block == 1) & (blk.timestep_index == "all")].iloc[0]
+    p = pooled[(pooled.block == 1) & (pooled.timestep_index == "all")].iloc[0]
+    assert abs(r.entropy_mean - p.entropy) > 1e-6
+
+
+def test_pooled_curves_need_token_scores(tmp_path, tiny_dir, dataset):
+    from layerscope.errors import ConfigError, ShardError
+
+    probe = P.SD3TextGrad()
+    with pytest.raises(ConfigError, match="save_token_scores: false.*pooled_curves"):
+        probe.check_config({"save_token_scores": False}, {})
+    probe.check_config({"save_token_scores": False, "pooled_curves": False}, {})
+    with pytest.raises(ConfigError, match="timestep_convention"):
+        probe.check_config({"timestep_convention": "sigma"}, {})
+    sh = run(tmp_path, tiny_dir, dataset, {"timestep": "500", "seed": "0", "slice": "0of1"}, save_token_scores=False)
+    with pytest.raises(ShardError, match="without them.*save_token_scores: true.*forcerun"):
+        probe.merge([sh])
+    sh2 = run(tmp_path, tiny_dir, dataset, {"timestep": "500", "seed": "1", "slice": "0of1"}, name="tiny2",
+              save_token_scores=False, pooled_curves=False)
+    t = probe.merge([sh2])
+    assert len(t["pooled"]) == 0 and len(t["samples"]) == 12
+
+
+# ----------------------------------------------------------------------------- batching (issue 18)
+def _samples(sch, records, timesteps=(100, 600, 950), seeds=(0, 4)):
+    return [P.Sample(r, t, *P.resolve_timestep(t, "note", sch), s) for r in records for t in timesteps for s in seeds]
+
+
+def pair_records(d: Path, n: int = 2) -> list:
+    from PIL import Image
+
+    from layerscope.data import Record
+
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return [Record(i, str(d / f"{i}.png"), PROMPTS[i % len(PROMPTS)]) for i in range(n)]
+
+
+def test_batched_samples_equal_batch_one(pipe, tmp_path):
+    """Pairs x timesteps x seeds in one forward and one backward give each sample's own gradient."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sch = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    recs = pair_records(tmp_path)
+    samples = _samples(sch, recs)
+    st = P.Settings(blocks=[0, 1, 2, 3], msl=MSL, size=32, force=True, batch_size=len(samples), memory_budget_mb=1.0,
+                    seq_len=77 + MSL)
+    big = P.compute_samples(pipe, samples, st)
+    one = P.compute_samples(pipe, samples, P.Settings(**{**st.__dict__, "batch_size": 1}))
+    assert big["batch_size"] == 12 and one["batch_size"] == 1
+    for b in st.blocks:
+        np.testing.assert_allclose(big["scores"][b], one["scores"][b], rtol=1e-4, atol=1e-9)
+        assert np.unique(big["scores"][b].round(6), axis=0).shape[0] == 12  # every sample differs
+    np.testing.assert_allclose(big["objective"], one["objective"], rtol=1e-5)
+    # one sample computed alone, independently: isolated autograd on its own inputs
+    s = samples[7]
+    ref = P.compute_samples(pipe, [s], st)
+    np.testing.assert_allclose(big["scores"][2][7], ref["scores"][2][0], rtol=1e-4, atol=1e-9)
+
+
+def test_batch_size_from_memory_budget(pipe, tmp_path):
+    kw3 = call_kwargs(pipe, prompts=PROMPTS + ["x"])
+    tr = pipe.transformer
+    b1, b2, b3 = (P.saved_bytes(tr, [0, 1, 2, 3], {k: v[:n] for k, v in kw3.items()}) for n in (1, 2, 3))
+    per = b2 - b1
+    assert per > 0 and b3 - b1 == pytest.approx(2 * per, rel=0.05)  # linear in the batch
+    fixed = b1 - per
+    assert P.batch_size_for_budget(per, fixed, fixed + 2 * 5.5 * per, n=100) == 5
+    assert P.batch_size_for_budget(per, fixed, fixed + 2 * 5.5 * per, n=3) == 3
+    assert P.batch_size_for_budget(per, fixed, 1.0, n=100) == 1
+    # batch_size auto: the measured split decides the batch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    samples = _samples(FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config), pair_records(tmp_path, 1),
+                       timesteps=(300, 700), seeds=(0, 1))
+    st = P.Settings(blocks=[0, 1, 2, 3], msl=MSL, size=32, force=True, batch_size="auto", memory_budget_mb=1e-3,
+                    seq_len=77 + MSL)
+    assert P.compute_samples(pipe, samples, st)["batch_size"] == 1
+    st.memory_budget_mb = (fixed + 2 * 2.5 * per) / 2**20
+    assert P.compute_samples(pipe, samples, st)["batch_size"] == 2
+    st.memory_budget_mb = 1e4
+    assert P.compute_samples(pipe, samples, st)["batch_size"] == 4
