@@ -527,3 +527,78 @@ def test_batch_size_from_memory_budget(pipe, tmp_path):
     assert P.compute_samples(pipe, samples, st)["batch_size"] == 2
     st.memory_budget_mb = 1e4
     assert P.compute_samples(pipe, samples, st)["batch_size"] == 4
+
+
+# ----------------------------------------------------------------------------- --load-ckpt files
+def _grads(p):
+    _, g = P.text_input_grads(p.transformer, [0, 1, 2, 3], call_kwargs(p))
+    return g
+
+
+def test_checkpoint_state_dict_equals_saved_pipeline(tiny_dir, tmp_path):
+    """A fine-tuned transformer state dict (safetensors, .pt in a {"state_dict": ...} wrapper, .bin with
+    a 'transformer.' prefix) gives the same numbers as the pipeline folder saved with those weights."""
+    from safetensors.torch import save_file
+
+    ft = sd3.load({"kind": "path", "path": str(tiny_dir)}, CPU, torch.float32)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for prm in ft.transformer.parameters():
+            prm.add_(0.05 * torch.randn(prm.shape, generator=g))  # "fine-tuned"
+    ft.save_pretrained(tmp_path / "ft_pipe")
+    sd = {k: v.contiguous() for k, v in ft.transformer.state_dict().items()}
+    save_file(sd, str(tmp_path / "ft.safetensors"))
+    torch.save({"state_dict": sd, "step": 3}, tmp_path / "ft.pt")
+    torch.save({f"transformer.{k}": v for k, v in sd.items()}, tmp_path / "ft.bin")
+    ref = _grads(sd3.load({"kind": "path", "path": str(tmp_path / "ft_pipe")}, CPU, torch.float32))
+    base = _grads(sd3.load({"kind": "path", "path": str(tiny_dir)}, CPU, torch.float32))
+    assert float((ref[1] - base[1]).abs().max()) > 1e-3
+    for f in ("ft.safetensors", "ft.pt", "ft.bin"):
+        got = _grads(sd3.load({"kind": "path", "path": str(tiny_dir), "checkpoint": str(tmp_path / f), "name": "m"},
+                              CPU, torch.float32))
+        for b in ref:
+            assert torch.equal(got[b], ref[b]), f
+    # a state dict of another shape, a truncated file, a wrong suffix: one line naming the field
+    small = {k: v for k, v in sd.items() if not k.startswith("transformer_blocks.3.")}
+    save_file(small, str(tmp_path / "small.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"models\.m\.checkpoint: .*small.safetensors.*missing keys"):
+        sd3.load({"kind": "path", "path": str(tiny_dir), "checkpoint": str(tmp_path / "small.safetensors"), "name": "m"},
+                 CPU, torch.float32)
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "ft.safetensors").read_bytes()[:100])
+    with pytest.raises(ModelLoadError, match=r"cut.safetensors \(models\.m\.checkpoint\)"):
+        sd3.load({"kind": "path", "path": str(tiny_dir), "checkpoint": str(tmp_path / "cut.safetensors"), "name": "m"},
+                 CPU, torch.float32)
+    with pytest.raises(ModelLoadError, match="not a weights file"):
+        sd3.load({"kind": "path", "path": str(tiny_dir), "checkpoint": str(tmp_path / "ft_pipe" / "model_index.json"),
+                  "name": "m"}, CPU, torch.float32)
+
+
+def test_checkpoint_lora_file_equals_peft_adapter_folder(pipe, tiny_dir, tmp_path):
+    """A LoRA file (peft keys + diffusers' alpha metadata; diffusers 'transformer.' keys with
+    alpha = rank) gives the same numbers as the equivalent peft adapter folder."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    for r, alpha in ((2, 4), (3, 3)):
+        d = tmp_path / f"r{r}"
+        tr = sd3.load({"kind": "path", "path": str(tiny_dir)}, CPU, torch.float32).transformer
+        cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=["add_q_proj", "add_v_proj", "to_q", "ff.net.2"],
+                         init_lora_weights=False)
+        torch.manual_seed(5 + r)
+        inject_adapter_in_model(cfg, tr)
+        sd3.save_lora_adapter(tr, cfg, d / "adapter")
+        layers = get_peft_model_state_dict(tr)
+        meta = {"transformer_lora_adapter_metadata": cfg.to_dict()} if alpha != r else {}
+        StableDiffusion3Pipeline.save_lora_weights(d / "file", transformer_lora_layers=layers, **meta)
+        lora_file = d / "file" / "pytorch_lora_weights.safetensors"
+        ref = _grads(sd3.load({"kind": "path", "path": str(tiny_dir), "lora": str(d / "adapter")}, CPU, torch.float32))
+        got = _grads(sd3.load({"kind": "path", "path": str(tiny_dir), "checkpoint": str(lora_file)}, CPU, torch.float32))
+        base = _grads(pipe)
+        for b in ref:
+            torch.testing.assert_close(got[b], ref[b], rtol=1e-5, atol=1e-7)
+        assert float((ref[2] - base[2]).abs().max() / base[2].abs().max()) > 1e-3
+    # the peft folder's own weights file (no component prefix) loads as a checkpoint too (alpha = rank there)
+    got = _grads(sd3.load({"kind": "path", "path": str(tiny_dir), "checkpoint": str(d / "adapter" / "adapter_model.safetensors")},
+                          CPU, torch.float32))
+    for b in ref:
+        torch.testing.assert_close(got[b], ref[b], rtol=1e-5, atol=1e-7)
