@@ -602,3 +602,57 @@ def test_checkpoint_lora_file_equals_peft_adapter_folder(pipe, tiny_dir, tmp_pat
                           CPU, torch.float32))
     for b in ref:
         torch.testing.assert_close(got[b], ref[b], rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- single-pair CLI
+def test_cli_single_pair_matches_the_study_shards(tiny_dir, tmp_path, capsys):
+    """`layerscope textgrad --prompt --image` batches the pair's timesteps x seeds and writes the same
+    rows the study's per-(timestep, seed) shards write for a one-line dataset."""
+    import pandas as pd
+    from PIL import Image
+
+    from layerscope.cli import main
+    from layerscope.data import build_index
+
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "im.png")
+    prompt = "a ginger tabby cat"
+    make_adapter(tiny_dir, tmp_path / "lora")
+    ckpt = tmp_path / "lora" / "adapter_model.safetensors"  # a LoRA file: --load-ckpt
+    rc = main(["textgrad", "--prompt", prompt, "--image", str(tmp_path / "im.png"), "--model", str(tiny_dir),
+               "--load-ckpt", str(ckpt), "--timesteps", "900", "300", "--seeds", "0", "5", "--topk", "3",
+               "--max-sequence-length", str(MSL), "--out", str(tmp_path / "out")])
+    assert rc == 0
+    tdir = tmp_path / "out" / "tables" / tiny_dir.name
+    smp = pd.read_csv(tdir / "samples.csv")
+    pooled = pd.read_csv(tdir / "pooled.csv")
+    assert len(smp) == 2 * 2 * 4 and set(smp["sigma"]) == {0.9, 0.3}
+    assert set(pooled[pooled.timestep_index == "all"]["samples_per_pair"]) == {4}
+    for f in P.FIGURES.values():
+        assert (tmp_path / "out" / "figures" / f"{f}.png").stat().st_size > 5000
+    # the study path, one shard per (timestep, seed), on a one-line list dataset with the same model
+    (tmp_path / "list.txt").write_text(f"{tmp_path / 'im.png'}\t{prompt}\n")
+    idx = build_index("one", {"kind": "list", "path": str(tmp_path / "list.txt")}, tmp_path / "index.tsv")
+    ds = {"kind": "list", "path": str(tmp_path / "list.txt"), "index": str(idx)}
+    from layerscope.h5io import ShardWriter
+    from layerscope.probes.base import ShardSpec
+
+    shard = tmp_path / "study.h5"
+    spec = ShardSpec(probe="sd3_textgrad", model="m", axes={"timestep": "300", "seed": "5", "slice": "0of1"},
+                     probe_cfg={"dataset": "one", "max_sequence_length": MSL, "topk": 3, "batch_size": 1},
+                     model_cfg={"family": "sd3", "kind": "path", "path": str(tiny_dir), "checkpoint": str(ckpt)},
+                     datasets={"one": ds}, device="cpu")
+    with ShardWriter(shard, {"probe": "sd3_textgrad", "model": "m", "axes": spec.axes, "spec": spec.to_json_dict()}) as w:
+        P.SD3TextGrad().run_shard(spec, w)
+    from layerscope.h5io import Shard
+
+    ref = P.SD3TextGrad().merge([Shard(shard)])["samples"]
+    got = smp[(smp.timestep_index == 300) & (smp.seed == 5)].sort_values("block")
+    np.testing.assert_allclose(got["strength"].to_numpy(), ref.sort_values("block")["strength"].to_numpy(), rtol=1e-4)
+    np.testing.assert_allclose(got["entropy"].to_numpy(), ref.sort_values("block")["entropy"].to_numpy(), rtol=1e-5)
+    # bad input: one line naming the flag, non-zero exit
+    capsys.readouterr()
+    rc = main(["textgrad", "--prompt", prompt, "--image", str(tmp_path / "nope.png"), "--model", str(tiny_dir),
+               "--out", str(tmp_path / "o2")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "--image" in err[0] and "nope.png" in err[0]
