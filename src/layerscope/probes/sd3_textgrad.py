@@ -105,7 +105,7 @@ def no_grad_rows(n_rows: int) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------------------ gradients
 def text_input_grads(transformer: "torch.nn.Module", blocks: Sequence[int], call_kwargs: Mapping[str, Any],
-                     force_txt_grad: bool = True) -> tuple["torch.Tensor", dict[int, "torch.Tensor | None"]]:
+                     force_txt_grad: bool = True, backward: bool = True) -> tuple["torch.Tensor", dict[int, "torch.Tensor | None"]]:
     """Output of one transformer forward and dy/d(text input of every block in ``blocks``), y = sum(out^2).
 
     One forward, one backward: a forward pre-hook (``with_kwargs=True``: SD3 calls its blocks with
@@ -114,7 +114,7 @@ def text_input_grads(transformer: "torch.nn.Module", blocks: Sequence[int], call
     parameters no text state requires grad, so with ``force_txt_grad`` the first hooked input that
     does not is made a leaf that does (every later block then depends on it; detaching a later
     input would cut the path to the earlier ones).  Without forcing, blocks whose input does not
-    require grad get None.
+    require grad get None.  ``backward=False`` builds the graph and stops (for measuring it).
     """
     import torch
 
@@ -141,7 +141,7 @@ def text_input_grads(transformer: "torch.nn.Module", blocks: Sequence[int], call
             y = out.float().pow(2).sum()
             want = [i for i in blocks if captured[i].requires_grad]
             grads: dict[int, torch.Tensor | None] = {i: None for i in blocks}
-            if want and y.requires_grad:
+            if want and y.requires_grad and backward:
                 got = torch.autograd.grad(y, [captured[i] for i in want], allow_unused=True)
                 grads.update(dict(zip(want, got)))
     finally:
@@ -215,6 +215,9 @@ class Sample:
     seed: int
 
 
+ENCODE_CHUNK = 8  # pairs per text/VAE encoding call (no_grad; a 1024 px VAE encode of 8 images fits a GPU)
+
+
 @dataclass
 class Settings:
     blocks: list[int]
@@ -226,12 +229,16 @@ class Settings:
     seq_len: int
 
 
+_GRAPH_BYTES: dict[tuple, tuple[int, int]] = {}
+
+
 def saved_bytes(transformer: "torch.nn.Module", blocks: Sequence[int], call_kwargs: Mapping[str, Any]) -> int:
     """Bytes of the distinct storages autograd saves for the backward of one ``text_input_grads`` call.
 
-    Measured with ``torch.autograd.graph.saved_tensors_hooks`` (works on every device, unlike the
-    CUDA allocator statistics); storages are counted once each, so frozen weights saved by several
-    ops count once.  Used at batch 1 and 2 to split the cost into a fixed and a per-sample part.
+    Measured with ``torch.autograd.graph.saved_tensors_hooks`` during the forward alone (works on
+    every device, unlike the CUDA allocator statistics); storages are counted once each, so frozen
+    weights saved by several ops count once.  Used at batch 1 and 2 to split the cost into a fixed
+    and a per-sample part.
     """
     import torch
 
@@ -243,8 +250,19 @@ def saved_bytes(transformer: "torch.nn.Module", blocks: Sequence[int], call_kwar
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        text_input_grads(transformer, blocks, call_kwargs)
+        text_input_grads(transformer, blocks, call_kwargs, backward=False)
     return int(sum(seen.values()))
+
+
+def graph_bytes(transformer: "torch.nn.Module", blocks: Sequence[int], make_kwargs: Callable[[int], Mapping[str, Any]],
+                key: Any = None) -> tuple[int, int]:
+    """(per-sample, fixed) bytes of the autograd graph from batches of 1 and 2 samples
+    (``make_kwargs(n)``); cached under ``key`` (transformer, blocks, input shapes): one measurement per process."""
+    key = (id(transformer), tuple(blocks), key)
+    if key not in _GRAPH_BYTES:
+        b1, b2 = saved_bytes(transformer, blocks, make_kwargs(1)), saved_bytes(transformer, blocks, make_kwargs(2))
+        _GRAPH_BYTES[key] = (b2 - b1, 2 * b1 - b2)
+    return _GRAPH_BYTES[key]
 
 
 def batch_size_for_budget(per_sample: int, fixed: int, budget_bytes: float, n: int, headroom: float = 2.0) -> int:
@@ -273,39 +291,45 @@ def compute_samples(pipe: Any, samples: Sequence[Sample], st: Settings, log: Any
     from layerscope.models.sd3 import text_token_mask
 
     tr = pipe.transformer
-    device = tr.device
+    device, tdt = tr.device, tr.dtype  # (module .dtype walks the parameters: read once)
+    vae_dtype = pipe.vae.dtype
     vae_shift = float(getattr(pipe.vae.config, "shift_factor", 0.0) or 0.0)
     vae_scale = float(pipe.vae.config.scaling_factor)
     cache: dict[int, tuple] = {}
-    for rec in dict.fromkeys(s.record for s in samples):  # pairs in first-seen order
+    pairs = list(dict.fromkeys(s.record for s in samples))  # pairs in first-seen order
+    for start in range(0, len(pairs), ENCODE_CHUNK):  # text and image of a pair: encoded once, pairs batched
+        chunk = pairs[start:start + ENCODE_CHUNK]
+        caps = [r.caption for r in chunk]
         with torch.no_grad():
-            pe, _, pooled, _ = pipe.encode_prompt(prompt=[rec.caption], prompt_2=None, prompt_3=None, device=device,
+            pe, _, pooled, _ = pipe.encode_prompt(prompt=caps, prompt_2=None, prompt_3=None, device=device,
                                                   do_classifier_free_guidance=False, max_sequence_length=st.msl)
-            pix = pipe.image_processor.preprocess([load_image(rec.path, st.size)], height=st.size, width=st.size)
-            lat = pipe.vae.encode(pix.to(device=device, dtype=pipe.vae.dtype)).latent_dist.mode()
+            pix = pipe.image_processor.preprocess([load_image(r.path, st.size) for r in chunk], height=st.size, width=st.size)
+            lat = pipe.vae.encode(pix.to(device=device, dtype=vae_dtype)).latent_dist.mode()
             z0 = (lat.float() - vae_shift) * vae_scale
         if pe.shape[1] != st.seq_len:
             from layerscope.errors import ConfigError
 
             raise ConfigError(f"text sequence of {pe.shape[1]} tokens, expected {st.seq_len} "
                               f"(77 CLIP + probes.sd3_textgrad.max_sequence_length)")
-        cache[rec.image_id] = (pe[0], pooled[0], z0[0], text_token_mask(pipe, [rec.caption], st.msl)[0])
+        mask = text_token_mask(pipe, caps, st.msl)
+        for j, rec in enumerate(chunk):
+            cache[rec.image_id] = (pe[j], pooled[j], z0[j], mask[j])
 
     def kwargs_of(batch: Sequence[Sample]) -> dict[str, Any]:
         z0 = torch.stack([cache[s.record.image_id][2] for s in batch])
         eps = torch.stack([noise_for(s.seed, s.record.image_id, z0.shape[1:]) for s in batch]).to(device)
         sig = torch.tensor([s.sigma for s in batch], dtype=torch.float32, device=device).view(-1, 1, 1, 1)
-        xt = ((1.0 - sig) * z0 + sig * eps).to(tr.dtype)
+        xt = ((1.0 - sig) * z0 + sig * eps).to(tdt)
         return dict(hidden_states=xt, timestep=torch.tensor([s.t_model for s in batch], device=device),
-                    encoder_hidden_states=torch.stack([cache[s.record.image_id][0] for s in batch]).to(tr.dtype),
-                    pooled_projections=torch.stack([cache[s.record.image_id][1] for s in batch]).to(tr.dtype))
+                    encoder_hidden_states=torch.stack([cache[s.record.image_id][0] for s in batch]).to(tdt),
+                    pooled_projections=torch.stack([cache[s.record.image_id][1] for s in batch]).to(tdt))
 
     n = len(samples)
     bs = st.batch_size
     if bs == "auto":
         if n >= 2:
-            b1, b2 = (saved_bytes(tr, st.blocks, kwargs_of(samples[:k])) for k in (1, 2))
-            per, fixed = b2 - b1, 2 * b1 - b2
+            z_shape = tuple(cache[samples[0].record.image_id][2].shape)
+            per, fixed = graph_bytes(tr, st.blocks, lambda k: kwargs_of(samples[:k]), key=(tdt, z_shape, st.seq_len))
             bs = batch_size_for_budget(per, fixed, st.memory_budget_mb * 2**20, n)
             if log is not None:
                 log.info("batch size %d from memory_budget_mb %s (autograd graph: %.1f MB per sample + %.1f MB fixed)",
