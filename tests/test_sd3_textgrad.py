@@ -250,7 +250,8 @@ def run(tmp_path, tiny_dir, dataset, axes, name="tiny", dtype="fp32", **cfg):
     from layerscope.h5io import Shard, ShardWriter
     from layerscope.probes.base import ShardSpec
 
-    probe_cfg = {"models": [name], "dataset": "pairs", "max_sequence_length": MSL, "topk": 3, "batch_size": 2, **cfg}
+    probe_cfg = {"models": [name], "dataset": "pairs", "max_sequence_length": MSL, "topk": 3, "batch_size": 2,
+                 "ignore_padding": True, **cfg}
     spec = ShardSpec(probe="sd3_textgrad", model=name, axes=axes, probe_cfg=probe_cfg,
                      model_cfg={"family": "sd3", "kind": "path", "path": str(tiny_dir), "dtype": dtype, "name": name},
                      datasets={"pairs": dataset}, config_hash="h", device="cpu")
@@ -620,7 +621,7 @@ def test_cli_single_pair_matches_the_study_shards(tiny_dir, tmp_path, capsys):
     make_adapter(tiny_dir, tmp_path / "lora")
     ckpt = tmp_path / "lora" / "adapter_model.safetensors"  # a LoRA file: --load-ckpt
     rc = main(["textgrad", "--prompt", prompt, "--image", str(tmp_path / "im.png"), "--model", str(tiny_dir),
-               "--load-ckpt", str(ckpt), "--timesteps", "900", "300", "--seeds", "0", "5", "--topk", "3",
+               "--load-ckpt", str(ckpt), "--ignore-padding", "--timesteps", "900", "300", "--seeds", "0", "5", "--topk", "3",
                "--max-sequence-length", str(MSL), "--out", str(tmp_path / "out")])
     assert rc == 0
     tdir = tmp_path / "out" / "tables" / tiny_dir.name
@@ -639,7 +640,7 @@ def test_cli_single_pair_matches_the_study_shards(tiny_dir, tmp_path, capsys):
 
     shard = tmp_path / "study.h5"
     spec = ShardSpec(probe="sd3_textgrad", model="m", axes={"timestep": "300", "seed": "5", "slice": "0of1"},
-                     probe_cfg={"dataset": "one", "max_sequence_length": MSL, "topk": 3, "batch_size": 1},
+                     probe_cfg={"dataset": "one", "max_sequence_length": MSL, "topk": 3, "batch_size": 1, "ignore_padding": True},
                      model_cfg={"family": "sd3", "kind": "path", "path": str(tiny_dir), "checkpoint": str(ckpt)},
                      datasets={"one": ds}, device="cpu")
     with ShardWriter(shard, {"probe": "sd3_textgrad", "model": "m", "axes": spec.axes, "spec": spec.to_json_dict()}) as w:

@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--topk", type=int, default=10)
     s.add_argument("--max-sequence-length", type=int, default=256)
     s.add_argument("--image-size", type=int, default=0)
-    s.add_argument("--ignore-padding", action=argparse.BooleanOptionalAction, default=True)
+    s.add_argument("--ignore-padding", action=argparse.BooleanOptionalAction, default=False,
+                   help="exclude padding positions from the metrics (off by default, as in the note's script)")
     s.add_argument("--force-txt-grad", action=argparse.BooleanOptionalAction, default=True)
     s.add_argument("--precision", choices=["auto", "fp16", "bf16", "fp32"], default="fp32")
     s.add_argument("--device", default="auto")

@@ -458,7 +458,7 @@ class SD3TextGrad(Probe):
 
         log = logging.getLogger("layerscope.sd3_textgrad")
         topk = int(probe_cfg.get("topk", 10))
-        ignore_padding = bool(probe_cfg.get("ignore_padding", True))
+        ignore_padding = bool(probe_cfg.get("ignore_padding", False))  # the note: an opt-in flag
         keep_tokens = bool(probe_cfg.get("save_token_scores", True))
         dtype = pipe.transformer.dtype
         sub = [samples[i] for i in idx]
