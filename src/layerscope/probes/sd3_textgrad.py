@@ -1,26 +1,30 @@
 """SD3 text-gradient sensitivity (design note 000, ``compute_sd3_text_grad_sensitivity.py``).
 
 How much does each text token, as it enters each MMDiT block, move the denoiser's output?  For an
-image/caption pair, a timestep index and a noise seed:
+image/caption pair, a timestep and a noise seed:
 
 1. ``z0 = (vae.encode(image).mode() - shift_factor) * scaling_factor`` (the posterior mean: the
    seed only drives the noise), text through the pipeline's own ``encode_prompt``;
-2. ``x_t = (1 - sigma) z0 + sigma eps`` with ``sigma = sigmas[idx]``, ``t = timesteps[idx]`` from a
-   fresh ``FlowMatchEulerDiscreteScheduler`` built from the pipeline's scheduler config (SD3:
-   ``num_train_timesteps=1000, shift=3.0``; index 0 is the noisiest), as SD3 training noises;
+2. ``x_t = (1 - sigma) z0 + sigma eps``; by default in the note's convention (``sigma = t / 1000``,
+   no shift, the model is fed ``t``, 0 = clean), or with ``timestep_convention: schedule_index`` from
+   the shifted training table of a fresh ``FlowMatchEulerDiscreteScheduler`` (index 0 = noisiest);
 3. ``y = sum(transformer(x_t, t, text)^2)`` and, in ONE backward pass, ``dy/dh_i`` for the text
    hidden states ``h_i`` entering every selected block ``transformer_blocks.i`` (forward
    pre-hooks with ``with_kwargs=True`` capture ``encoder_hidden_states``; one
-   ``torch.autograd.grad(y, [h_i ...])`` returns them all);
+   ``torch.autograd.grad(y, [h_i ...])`` returns them all).  Many (pair, timestep, seed) samples
+   share that forward and backward (:func:`compute_samples`): y is a sum over samples, which do
+   not interact, so every sample keeps its own gradient;
 4. token score ``s = ||dy/dh_i[token]||_2``; per (sample, block): mean strength, top-k mass
    (share of the k largest scores in the total) and the entropy of ``s / sum(s)`` (natural log,
-   also divided by ``log n``).
+   also divided by ``log n``); and the note's curves, which pool each pair's token scores over
+   its timesteps x seeds before the metrics (table ``pooled``, computed in the merge).
 
 Shards: one per (model, timestep, seed, data slice) holding every selected block, with one row
 per sample so merges show the spread over seeds and samples.  Nothing is dropped silently:
 non-finite token scores are excluded from the metrics and counted per row; rows with no usable
 token (``empty``), an all-zero score vector (``zero_mass``) or no gradient (``no_grad``) keep NaN
-metrics and a status.  See docs/probes/sd3_textgrad.md.
+metrics and a status.  ``layerscope textgrad`` (:func:`run_pair`) is the note's single-pair mode.
+See docs/probes/sd3_textgrad.md.
 """
 
 from __future__ import annotations
