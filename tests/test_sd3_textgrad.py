@@ -657,3 +657,16 @@ def test_cli_single_pair_matches_the_study_shards(tiny_dir, tmp_path, capsys):
                "--out", str(tmp_path / "o2")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and "--image" in err[0] and "nope.png" in err[0]
+
+
+def test_every_table_row_names_timestep_sigma_and_model_timestep(tmp_path, tiny_dir, dataset):
+    shards = [run(tmp_path, tiny_dir, dataset, {"timestep": t, "seed": "0", "slice": "0of1"}, save_token_scores=True)
+              for t in ("250", "600")]
+    tables = P.SD3TextGrad().merge(shards)
+    for name, df in tables.items():
+        assert {"timestep_convention", "timestep_index", "timestep", "sigma"} <= set(df.columns), name
+        assert set(df["timestep_convention"]) == {"note"}, name
+        per = df[df["timestep_index"].astype(str) != "all"]
+        assert len(per) and np.allclose(per["sigma"].astype(float), per["timestep_index"].astype(float) / 1000), name
+        assert np.allclose(per["timestep"].astype(float), per["timestep_index"].astype(float)), name
+        assert df[df["timestep_index"].astype(str) == "all"]["sigma"].isna().all(), name

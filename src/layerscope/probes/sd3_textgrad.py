@@ -591,6 +591,17 @@ class SD3TextGrad(Probe):
         else:
             tokens = pd.DataFrame(columns=tok_cols)
         pooled = self._pooled_table(pool, topk) if pooled_on else pd.DataFrame(columns=POOLED_COLS)
+        # every table row names its timestep as configured, the convention, sigma and the model timestep
+        # ('all' rows pool several timesteps: NaN there)
+        conv = str(samples["timestep_convention"].iloc[0])
+        per_t = samples.drop_duplicates("timestep_index").set_index("timestep_index")[["timestep", "sigma"]]
+        lookup = {str(k): (float(v.timestep), float(v.sigma)) for k, v in per_t.iterrows()}
+        for df in (blocks, pooled, tokens):
+            keys = df["timestep_index"].astype(str)
+            pos = df.columns.get_loc("timestep_index") + 1
+            df.insert(pos, "sigma", [lookup.get(k, (np.nan, np.nan))[1] for k in keys])
+            df.insert(pos, "timestep", [lookup.get(k, (np.nan, np.nan))[0] for k in keys])
+            df.insert(0, "timestep_convention", conv)
         return {"samples": samples, "blocks": blocks, "pooled": pooled, "tokens": tokens}
 
     @staticmethod
