@@ -250,7 +250,8 @@ def run(tmp_path, tiny_dir, dataset, axes, name="tiny", dtype="fp32", **cfg):
     from layerscope.h5io import Shard, ShardWriter
     from layerscope.probes.base import ShardSpec
 
-    probe_cfg = {"models": [name], "dataset": "pairs", "max_sequence_length": MSL, "topk": 3, "batch_size": 2, **cfg}
+    probe_cfg = {"models": [name], "dataset": "pairs", "max_sequence_length": MSL, "topk": 3, "batch_size": 2,
+                 "ignore_padding": True, **cfg}
     spec = ShardSpec(probe="sd3_textgrad", model=name, axes=axes, probe_cfg=probe_cfg,
                      model_cfg={"family": "sd3", "kind": "path", "path": str(tiny_dir), "dtype": dtype, "name": name},
                      datasets={"pairs": dataset}, config_hash="h", device="cpu")
@@ -268,7 +269,8 @@ def test_shard_merge_and_figures(tmp_path, tiny_dir, dataset, pipe):
     from layerscope.data import load_image, read_index
 
     probe = P.SD3TextGrad()
-    shards = [run(tmp_path, tiny_dir, dataset, {"timestep": "300", "seed": str(s), "slice": sl}, save_token_scores=True)
+    shards = [run(tmp_path, tiny_dir, dataset, {"timestep": "300", "seed": str(s), "slice": sl}, save_token_scores=True,
+                  timestep_convention="schedule_index")
               for s in (0, 1) for sl in ("0of2", "1of2")]
     tables = probe.merge(shards)
     smp = tables["samples"]
@@ -343,7 +345,9 @@ def test_bad_timestep_and_layers_name_the_field(tmp_path, tiny_dir, dataset):
     from layerscope.plan import ConfigError
 
     with pytest.raises(ConfigError, match="timesteps: index 1000"):
-        run(tmp_path, tiny_dir, dataset, {"timestep": "1000", "seed": "0", "slice": "0of1"})
+        run(tmp_path, tiny_dir, dataset, {"timestep": "1000", "seed": "0", "slice": "0of1"}, timestep_convention="schedule_index")
+    with pytest.raises(ConfigError, match="timesteps: timestep 1001 outside 0..1000"):
+        run(tmp_path, tiny_dir, dataset, {"timestep": "1001", "seed": "0", "slice": "0of1"})
     with pytest.raises(ConfigError, match="layers: \\[7\\]"):
         run(tmp_path, tiny_dir, dataset, {"timestep": "10", "seed": "0", "slice": "0of1"}, layers=[1, 7])
 
@@ -366,3 +370,303 @@ def test_lora_saved_by_peftmodel_matches_peft_forward(pipe, tiny_dir, tmp_path):
         plain = pipe.transformer(**kw, return_dict=False)[0]
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     assert float((ref - plain).abs().max()) > 1e-3
+
+
+# ----------------------------------------------------------------------------- note parity (issue 15)
+def test_note_timestep_convention_gives_sigma_t_over_1000(tmp_path, tiny_dir, dataset, pipe):
+    """The note's script: sigma = t / num_train_timesteps (no shift), the model is fed t itself."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from layerscope.data import load_image, read_index
+
+    sch = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    for t in (0, 1, 250, 500, 900, 999, 1000):
+        assert P.resolve_timestep(t, "note", sch) == (t / 1000, float(t))
+    # the project's schedule index 250 is the note's 900, 750 the note's 500 (shift 3)
+    assert P.resolve_timestep(250, "schedule_index", sch) == pytest.approx((0.9, 900.0), rel=1e-6)
+    assert P.resolve_timestep(750, "schedule_index", sch) == pytest.approx((0.5, 500.0), rel=1e-6)
+
+    sh = run(tmp_path, tiny_dir, dataset, {"timestep": "900", "seed": "3", "slice": "0of1"})
+    assert (sh.attrs["timestep_convention"], sh.attrs["sigma"], sh.attrs["timestep"]) == ("note", 0.9, 900.0)
+    # the script's noising, written from its formula: x_t = (1 - t/T) z0 + (t/T) eps, timestep a long tensor t
+    rec = read_index(dataset["index"])[2]
+    with torch.no_grad():
+        pe, _, pooled, _ = pipe.encode_prompt(prompt=[rec.caption], prompt_2=None, prompt_3=None, device=CPU,
+                                              do_classifier_free_guidance=False, max_sequence_length=MSL)
+        pix = pipe.image_processor.preprocess([load_image(rec.path, 32)], height=32, width=32)
+        z0 = (pipe.vae.encode(pix).latent_dist.mode() - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+        s = torch.full((1,), 900, dtype=torch.long).float().view(1, 1, 1, 1) / 1000.0
+        xt = (1.0 - s) * z0 + s * P.noise_for(3, rec.image_id, z0.shape[1:])[None]
+        out = pipe.transformer(hidden_states=xt, timestep=torch.full((1,), 900, dtype=torch.long),
+                               encoder_hidden_states=pe, pooled_projections=pooled, return_dict=False)[0]
+    row = list(sh.groups["inputs"]["image_id"]).index(rec.image_id)
+    assert sh.groups["inputs"]["objective"][row] == pytest.approx(float(out.double().pow(2).sum()), rel=1e-5)
+    tables = P.SD3TextGrad().merge([sh])
+    smp = tables["samples"]
+    assert set(smp["timestep_convention"]) == {"note"} and set(smp["sigma"]) == {0.9} and set(smp["timestep"]) == {900.0}
+    assert set(smp["timestep_index"]) == {900}
+
+
+def test_pooled_curves_equal_brute_force_from_token_scores(tmp_path, tiny_dir, dataset):
+    """The note pools each pair's token scores over timesteps x seeds, then computes the metrics,
+    then averages over pairs; recomputed here from the stored per-token scores with numpy."""
+    from scipy import stats as sps
+
+    shards = [run(tmp_path, tiny_dir, dataset, {"timestep": t, "seed": s, "slice": sl})
+              for t in ("200", "800") for s in ("0", "1") for sl in ("0of2", "1of2")]
+    pooled = P.SD3TextGrad().merge(shards[::-1])["pooled"]  # order must not matter
+    topk = 3
+    for block in range(4):
+        hook = f"stats/transformer_blocks.{block}.hook_text_grad"
+        for tkey in ("all", "200"):
+            per_pair = {"strength": [], "topk_mass": [], "entropy": []}
+            for img in range(3):
+                vecs, mask = [], None
+                for sh in shards:
+                    if tkey != "all" and sh.attrs["timestep_index"] != int(tkey):
+                        continue
+                    ids = list(sh.groups[hook]["image_id"])
+                    if img in ids:
+                        r = ids.index(img)
+                        vecs.append(sh.groups[hook]["token_scores"][r].astype(np.float64))
+                        mask = sh.groups["inputs"]["token_mask"][r].astype(bool)
+                assert len(vecs) == (4 if tkey == "all" else 2)
+                v = (sum(vecs) / len(vecs))[mask]
+                p = v / v.sum()
+                per_pair["strength"].append(v.mean())
+                per_pair["topk_mass"].append(sum(sorted(v)[-topk:]) / v.sum())
+                per_pair["entropy"].append(-sum(pi * math.log(pi + 1e-12) for pi in p))
+            row = pooled[(pooled.block == block) & (pooled.timestep_index == tkey)].iloc[0]
+            assert row.pairs == 3 and row.samples_per_pair == len(vecs) and row.nonfinite == 0
+            for m, vals in per_pair.items():
+                vals = np.array(vals)
+                assert row[m] == pytest.approx(vals.mean(), rel=1e-9)
+                half = sps.t.ppf(0.975, 2) * vals.std(ddof=1) / math.sqrt(3)
+                assert row[f"{m}_ci_high"] - row[m] == pytest.approx(half, rel=1e-6)
+    # pooling before the metrics is not the mean of per-row metrics (the project's per-row table)
+    blk = P.SD3TextGrad().merge(shards)["blocks"]
+    r = blk[(blk.block == 1) & (blk.timestep_index == "all")].iloc[0]
+    p = pooled[(pooled.block == 1) & (pooled.timestep_index == "all")].iloc[0]
+    assert abs(r.entropy_mean - p.entropy) > 1e-6
+
+
+def test_pooled_curves_need_token_scores(tmp_path, tiny_dir, dataset):
+    from layerscope.errors import ConfigError, ShardError
+
+    probe = P.SD3TextGrad()
+    with pytest.raises(ConfigError, match="save_token_scores: false.*pooled_curves"):
+        probe.check_config({"save_token_scores": False}, {})
+    probe.check_config({"save_token_scores": False, "pooled_curves": False}, {})
+    with pytest.raises(ConfigError, match="timestep_convention"):
+        probe.check_config({"timestep_convention": "sigma"}, {})
+    sh = run(tmp_path, tiny_dir, dataset, {"timestep": "500", "seed": "0", "slice": "0of1"}, save_token_scores=False)
+    with pytest.raises(ShardError, match="without them.*save_token_scores: true.*forcerun"):
+        probe.merge([sh])
+    sh2 = run(tmp_path, tiny_dir, dataset, {"timestep": "500", "seed": "1", "slice": "0of1"}, name="tiny2",
+              save_token_scores=False, pooled_curves=False)
+    t = probe.merge([sh2])
+    assert len(t["pooled"]) == 0 and len(t["samples"]) == 12
+
+
+# ----------------------------------------------------------------------------- batching (issue 18)
+def _samples(sch, records, timesteps=(100, 600, 950), seeds=(0, 4)):
+    return [P.Sample(r, t, *P.resolve_timestep(t, "note", sch), s) for r in records for t in timesteps for s in seeds]
+
+
+def pair_records(d: Path, n: int = 2) -> list:
+    from PIL import Image
+
+    from layerscope.data import Record
+
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return [Record(i, str(d / f"{i}.png"), PROMPTS[i % len(PROMPTS)]) for i in range(n)]
+
+
+def test_batched_samples_equal_batch_one(pipe, tmp_path):
+    """Pairs x timesteps x seeds in one forward and one backward give each sample's own gradient."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sch = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    recs = pair_records(tmp_path)
+    samples = _samples(sch, recs)
+    st = P.Settings(blocks=[0, 1, 2, 3], msl=MSL, size=32, force=True, batch_size=len(samples), memory_budget_mb=1.0,
+                    seq_len=77 + MSL)
+    big = P.compute_samples(pipe, samples, st)
+    one = P.compute_samples(pipe, samples, P.Settings(**{**st.__dict__, "batch_size": 1}))
+    assert big["batch_size"] == 12 and one["batch_size"] == 1
+    for b in st.blocks:
+        np.testing.assert_allclose(big["scores"][b], one["scores"][b], rtol=1e-4, atol=1e-9)
+        assert np.unique(big["scores"][b].round(6), axis=0).shape[0] == 12  # every sample differs
+    np.testing.assert_allclose(big["objective"], one["objective"], rtol=1e-5)
+    # one sample computed alone, independently: isolated autograd on its own inputs
+    s = samples[7]
+    ref = P.compute_samples(pipe, [s], st)
+    np.testing.assert_allclose(big["scores"][2][7], ref["scores"][2][0], rtol=1e-4, atol=1e-9)
+
+
+def test_batch_size_from_memory_budget(pipe, tmp_path):
+    kw3 = call_kwargs(pipe, prompts=PROMPTS + ["x"])
+    tr = pipe.transformer
+    b1, b2, b3 = (P.saved_bytes(tr, [0, 1, 2, 3], {k: v[:n] for k, v in kw3.items()}) for n in (1, 2, 3))
+    per = b2 - b1
+    assert per > 0 and b3 - b1 == pytest.approx(2 * per, rel=0.05)  # linear in the batch
+    fixed = b1 - per
+    assert P.batch_size_for_budget(per, fixed, fixed + 2 * 5.5 * per, n=100) == 5
+    assert P.batch_size_for_budget(per, fixed, fixed + 2 * 5.5 * per, n=3) == 3
+    assert P.batch_size_for_budget(per, fixed, 1.0, n=100) == 1
+    # batch_size auto: the measured split decides the batch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    samples = _samples(FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config), pair_records(tmp_path, 1),
+                       timesteps=(300, 700), seeds=(0, 1))
+    st = P.Settings(blocks=[0, 1, 2, 3], msl=MSL, size=32, force=True, batch_size="auto", memory_budget_mb=1e-3,
+                    seq_len=77 + MSL)
+    assert P.compute_samples(pipe, samples, st)["batch_size"] == 1
+    st.memory_budget_mb = (fixed + 2 * 2.5 * per) / 2**20
+    assert P.compute_samples(pipe, samples, st)["batch_size"] == 2
+    st.memory_budget_mb = 1e4
+    assert P.compute_samples(pipe, samples, st)["batch_size"] == 4
+
+
+# ----------------------------------------------------------------------------- --load-ckpt files
+def _grads(p):
+    _, g = P.text_input_grads(p.transformer, [0, 1, 2, 3], call_kwargs(p))
+    return g
+
+
+def test_checkpoint_state_dict_equals_saved_pipeline(tiny_dir, tmp_path):
+    """A fine-tuned transformer state dict (safetensors, .pt in a {"state_dict": ...} wrapper, .bin with
+    a 'transformer.' prefix) gives the same numbers as the pipeline folder saved with those weights."""
+    from safetensors.torch import save_file
+
+    ft = sd3.load({"kind": "path", "path": str(tiny_dir)}, CPU, torch.float32)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for prm in ft.transformer.parameters():
+            prm.add_(0.05 * torch.randn(prm.shape, generator=g))  # "fine-tuned"
+    ft.save_pretrained(tmp_path / "ft_pipe")
+    sd = {k: v.contiguous() for k, v in ft.transformer.state_dict().items()}
+    save_file(sd, str(tmp_path / "ft.safetensors"))
+    torch.save({"state_dict": sd, "step": 3}, tmp_path / "ft.pt")
+    torch.save({f"transformer.{k}": v for k, v in sd.items()}, tmp_path / "ft.bin")
+    ref = _grads(sd3.load({"kind": "path", "path": str(tmp_path / "ft_pipe")}, CPU, torch.float32))
+    base = _grads(sd3.load({"kind": "path", "path": str(tiny_dir)}, CPU, torch.float32))
+    assert float((ref[1] - base[1]).abs().max()) > 1e-3
+    for f in ("ft.safetensors", "ft.pt", "ft.bin"):
+        got = _grads(sd3.load({"kind": "path", "path": str(tiny_dir), "checkpoint": str(tmp_path / f), "name": "m"},
+                              CPU, torch.float32))
+        for b in ref:
+            assert torch.equal(got[b], ref[b]), f
+    # a state dict of another shape, a truncated file, a wrong suffix: one line naming the field
+    small = {k: v for k, v in sd.items() if not k.startswith("transformer_blocks.3.")}
+    save_file(small, str(tmp_path / "small.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"models\.m\.checkpoint: .*small.safetensors.*missing keys"):
+        sd3.load({"kind": "path", "path": str(tiny_dir), "checkpoint": str(tmp_path / "small.safetensors"), "name": "m"},
+                 CPU, torch.float32)
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "ft.safetensors").read_bytes()[:100])
+    with pytest.raises(ModelLoadError, match=r"cut.safetensors \(models\.m\.checkpoint\)"):
+        sd3.load({"kind": "path", "path": str(tiny_dir), "checkpoint": str(tmp_path / "cut.safetensors"), "name": "m"},
+                 CPU, torch.float32)
+    with pytest.raises(ModelLoadError, match="not a weights file"):
+        sd3.load({"kind": "path", "path": str(tiny_dir), "checkpoint": str(tmp_path / "ft_pipe" / "model_index.json"),
+                  "name": "m"}, CPU, torch.float32)
+
+
+def test_checkpoint_lora_file_equals_peft_adapter_folder(pipe, tiny_dir, tmp_path):
+    """A LoRA file (peft keys + diffusers' alpha metadata; diffusers 'transformer.' keys with
+    alpha = rank) gives the same numbers as the equivalent peft adapter folder."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    for r, alpha in ((2, 4), (3, 3)):
+        d = tmp_path / f"r{r}"
+        tr = sd3.load({"kind": "path", "path": str(tiny_dir)}, CPU, torch.float32).transformer
+        cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=["add_q_proj", "add_v_proj", "to_q", "ff.net.2"],
+                         init_lora_weights=False)
+        torch.manual_seed(5 + r)
+        inject_adapter_in_model(cfg, tr)
+        sd3.save_lora_adapter(tr, cfg, d / "adapter")
+        layers = get_peft_model_state_dict(tr)
+        meta = {"transformer_lora_adapter_metadata": cfg.to_dict()} if alpha != r else {}
+        StableDiffusion3Pipeline.save_lora_weights(d / "file", transformer_lora_layers=layers, **meta)
+        lora_file = d / "file" / "pytorch_lora_weights.safetensors"
+        ref = _grads(sd3.load({"kind": "path", "path": str(tiny_dir), "lora": str(d / "adapter")}, CPU, torch.float32))
+        got = _grads(sd3.load({"kind": "path", "path": str(tiny_dir), "checkpoint": str(lora_file)}, CPU, torch.float32))
+        base = _grads(pipe)
+        for b in ref:
+            torch.testing.assert_close(got[b], ref[b], rtol=1e-5, atol=1e-7)
+        assert float((ref[2] - base[2]).abs().max() / base[2].abs().max()) > 1e-3
+    # the peft folder's own weights file (no component prefix) loads as a checkpoint too (alpha = rank there)
+    got = _grads(sd3.load({"kind": "path", "path": str(tiny_dir), "checkpoint": str(d / "adapter" / "adapter_model.safetensors")},
+                          CPU, torch.float32))
+    for b in ref:
+        torch.testing.assert_close(got[b], ref[b], rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- single-pair CLI
+def test_cli_single_pair_matches_the_study_shards(tiny_dir, tmp_path, capsys):
+    """`layerscope textgrad --prompt --image` batches the pair's timesteps x seeds and writes the same
+    rows the study's per-(timestep, seed) shards write for a one-line dataset."""
+    import pandas as pd
+    from PIL import Image
+
+    from layerscope.cli import main
+    from layerscope.data import build_index
+
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "im.png")
+    prompt = "a ginger tabby cat"
+    make_adapter(tiny_dir, tmp_path / "lora")
+    ckpt = tmp_path / "lora" / "adapter_model.safetensors"  # a LoRA file: --load-ckpt
+    rc = main(["textgrad", "--prompt", prompt, "--image", str(tmp_path / "im.png"), "--model", str(tiny_dir),
+               "--load-ckpt", str(ckpt), "--ignore-padding", "--timesteps", "900", "300", "--seeds", "0", "5", "--topk", "3",
+               "--max-sequence-length", str(MSL), "--out", str(tmp_path / "out")])
+    assert rc == 0
+    tdir = tmp_path / "out" / "tables" / tiny_dir.name
+    smp = pd.read_csv(tdir / "samples.csv")
+    pooled = pd.read_csv(tdir / "pooled.csv")
+    assert len(smp) == 2 * 2 * 4 and set(smp["sigma"]) == {0.9, 0.3}
+    assert set(pooled[pooled.timestep_index == "all"]["samples_per_pair"]) == {4}
+    for f in P.FIGURES.values():
+        assert (tmp_path / "out" / "figures" / f"{f}.png").stat().st_size > 5000
+    # the study path, one shard per (timestep, seed), on a one-line list dataset with the same model
+    (tmp_path / "list.txt").write_text(f"{tmp_path / 'im.png'}\t{prompt}\n")
+    idx = build_index("one", {"kind": "list", "path": str(tmp_path / "list.txt")}, tmp_path / "index.tsv")
+    ds = {"kind": "list", "path": str(tmp_path / "list.txt"), "index": str(idx)}
+    from layerscope.h5io import ShardWriter
+    from layerscope.probes.base import ShardSpec
+
+    shard = tmp_path / "study.h5"
+    spec = ShardSpec(probe="sd3_textgrad", model="m", axes={"timestep": "300", "seed": "5", "slice": "0of1"},
+                     probe_cfg={"dataset": "one", "max_sequence_length": MSL, "topk": 3, "batch_size": 1, "ignore_padding": True},
+                     model_cfg={"family": "sd3", "kind": "path", "path": str(tiny_dir), "checkpoint": str(ckpt)},
+                     datasets={"one": ds}, device="cpu")
+    with ShardWriter(shard, {"probe": "sd3_textgrad", "model": "m", "axes": spec.axes, "spec": spec.to_json_dict()}) as w:
+        P.SD3TextGrad().run_shard(spec, w)
+    from layerscope.h5io import Shard
+
+    ref = P.SD3TextGrad().merge([Shard(shard)])["samples"]
+    got = smp[(smp.timestep_index == 300) & (smp.seed == 5)].sort_values("block")
+    np.testing.assert_allclose(got["strength"].to_numpy(), ref.sort_values("block")["strength"].to_numpy(), rtol=1e-4)
+    np.testing.assert_allclose(got["entropy"].to_numpy(), ref.sort_values("block")["entropy"].to_numpy(), rtol=1e-5)
+    # bad input: one line naming the flag, non-zero exit
+    capsys.readouterr()
+    rc = main(["textgrad", "--prompt", prompt, "--image", str(tmp_path / "nope.png"), "--model", str(tiny_dir),
+               "--out", str(tmp_path / "o2")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "--image" in err[0] and "nope.png" in err[0]
+
+
+def test_every_table_row_names_timestep_sigma_and_model_timestep(tmp_path, tiny_dir, dataset):
+    shards = [run(tmp_path, tiny_dir, dataset, {"timestep": t, "seed": "0", "slice": "0of1"}, save_token_scores=True)
+              for t in ("250", "600")]
+    tables = P.SD3TextGrad().merge(shards)
+    for name, df in tables.items():
+        assert {"timestep_convention", "timestep_index", "timestep", "sigma"} <= set(df.columns), name
+        assert set(df["timestep_convention"]) == {"note"}, name
+        per = df[df["timestep_index"].astype(str) != "all"]
+        assert len(per) and np.allclose(per["sigma"].astype(float), per["timestep_index"].astype(float) / 1000), name
+        assert np.allclose(per["timestep"].astype(float), per["timestep_index"].astype(float)), name
+        assert df[df["timestep_index"].astype(str) == "all"]["sigma"].isna().all(), name

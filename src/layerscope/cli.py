@@ -7,6 +7,8 @@
     layerscope merge --probe P --model M [--expect-hash H] --out-dir DIR SHARD...
     layerscope plot --probe P --out-dir DIR TABLE_DIR...
     layerscope inspect SHARD.h5                      provenance of a shard
+    layerscope textgrad --prompt P --image IMG --model DIR [--load-ckpt F] --out DIR
+                                                     note 000's single-pair mode (SD3 text gradients)
 
 Errors a user can fix (config, paths, weights, data, bad shards) print as ``layerscope: error: ...``
 naming the field or file, and exit with status 2.
@@ -177,6 +179,25 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"groups: {len(sh.groups)}")
 
 
+def cmd_textgrad(args: argparse.Namespace) -> None:
+    from layerscope.models import set_threads
+    from layerscope.probes.sd3_textgrad import run_pair
+
+    set_threads(args.threads)
+    cfg: dict[str, Any] = {"topk": args.topk, "max_sequence_length": args.max_sequence_length,
+                           "ignore_padding": args.ignore_padding, "force_txt_grad": args.force_txt_grad,
+                           "timestep_convention": args.timestep_convention, "image_size": args.image_size,
+                           "batch_size": int(args.batch_size) if args.batch_size != "auto" else "auto",
+                           "memory_budget_mb": args.memory_budget_mb}
+    if args.layers:
+        cfg["layers"] = args.layers
+    out = run_pair(args.model, args.prompt, args.image, args.out, timesteps=args.timesteps, seeds=args.seeds,
+                   checkpoint=args.load_ckpt, lora=args.lora, dtype=args.precision, device=args.device, probe_cfg=cfg)
+    for kind in ("tables", "figures"):
+        for p in out[kind]:
+            log.info("wrote %s", p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="layerscope", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -230,6 +251,30 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="print a shard's provenance")
     s.add_argument("shard")
     s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("textgrad", help="SD3 text-gradient sensitivity of one prompt + image (design note 000's single-pair mode)")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--image", required=True)
+    s.add_argument("--model", required=True, help="SD3 pipeline folder (save_pretrained layout) or hub:<id>")
+    s.add_argument("--load-ckpt", default=None, help="fine-tuned transformer state dict or LoRA file (.safetensors/.pt/.bin)")
+    s.add_argument("--lora", default=None, help="peft adapter folder")
+    s.add_argument("--timesteps", type=int, nargs="+", default=[500], help="in --timestep-convention (default note: sigma = t/1000)")
+    s.add_argument("--timestep-convention", choices=["note", "schedule_index"], default="note")
+    s.add_argument("--seeds", type=int, nargs="+", default=[0])
+    s.add_argument("--layers", type=int, nargs="+", default=None, help="0-based transformer_blocks (default: all)")
+    s.add_argument("--topk", type=int, default=10)
+    s.add_argument("--max-sequence-length", type=int, default=256)
+    s.add_argument("--image-size", type=int, default=0)
+    s.add_argument("--ignore-padding", action=argparse.BooleanOptionalAction, default=False,
+                   help="exclude padding positions from the metrics (off by default, as in the note's script)")
+    s.add_argument("--force-txt-grad", action=argparse.BooleanOptionalAction, default=True)
+    s.add_argument("--precision", choices=["auto", "fp16", "bf16", "fp32"], default="fp32")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--batch-size", default="auto", help="samples per forward+backward, or auto (from --memory-budget-mb)")
+    s.add_argument("--memory-budget-mb", type=float, default=4096)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--out", required=True, help="output folder: shards/, tables/, figures/")
+    s.set_defaults(func=cmd_textgrad)
     return ap
 
 

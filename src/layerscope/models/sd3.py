@@ -30,7 +30,7 @@ from layerscope.models import ModelLoadError, config_field, loading, source_of
 
 __all__ = [
     "TINY_ARCHS", "tiny_pipeline", "build_tiny", "build_tiny_lora", "load", "apply_lora", "parse_lora_target", "save_lora_adapter",
-    "text_token_mask", "CLIP_SEQ_LEN",
+    "text_token_mask", "CLIP_SEQ_LEN", "apply_checkpoint", "read_state_dict", "is_lora_state_dict",
 ]
 
 CLIP_SEQ_LEN = 77  # CLIP tokenizers' model_max_length in SD3 (and in the tiny build)
@@ -181,6 +181,8 @@ def load(model_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype)
         kw.update(text_encoder_3=None, tokenizer_3=None)
     with loading("an SD3 pipeline", src, config_field(model_cfg)):
         pipe = StableDiffusion3Pipeline.from_pretrained(src, dtype=dtype, **kw)
+    if model_cfg.get("checkpoint"):
+        apply_checkpoint(pipe, model_cfg["checkpoint"], config_field(model_cfg, "checkpoint"))
     if model_cfg.get("lora"):
         apply_lora(pipe.transformer, model_cfg["lora"], model_cfg.get("lora_target"))
     pipe.set_progress_bar_config(disable=True)
@@ -191,6 +193,98 @@ def load(model_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype)
             mod.requires_grad_(False)
             mod.eval()
     return pipe
+
+
+# ---------------------------------------------------------------------------------------- checkpoint files
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+_LORA_MARKERS = ("lora_A", "lora_B", "lora_down", "lora_up", "lora.down", "lora.up", "lora_unet_", "lora_linear_layer")
+
+
+def read_state_dict(path: str | Path, field: str) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file: safetensors, or a torch pickle (``weights_only``), unwrapping a
+    ``{"state_dict": ...}`` (or ``{"model": ...}``) wrapper as training scripts save them."""
+    path = Path(path)
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        raise ModelLoadError(f"{field}: {path} is not a weights file (expected one of {', '.join(CHECKPOINT_SUFFIXES)})")
+    with loading("the weights file", path, field):
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
+            sd = sd[key]
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ModelLoadError(f"{field}: {path} holds no state dict of tensors")
+    return dict(sd)
+
+
+def is_lora_state_dict(keys: Sequence[str]) -> bool:
+    return any(m in k for k in keys for m in _LORA_MARKERS)
+
+
+def apply_checkpoint(pipe: Any, path: str | Path, field: str = "models.*.checkpoint") -> str:
+    """Load what the note script's ``--load-ckpt`` loads into the pipeline's transformer; returns
+    ``'transformer'`` or ``'lora'``.
+
+    * A fine-tuned **transformer state dict** (.safetensors / .pt / .bin; diffusers key names,
+      optionally under ``transformer.`` or inside a ``{"state_dict": ...}`` wrapper) replaces every
+      weight; the keys must match exactly (missing or unexpected keys are an error, never a partial load).
+    * A **LoRA file** (keys with ``lora_A``/``lora_B``, ``lora_down``/``lora_up``, ...) in any format
+      ``StableDiffusion3Pipeline.load_lora_weights`` reads (diffusers, peft, kohya), with its alpha
+      from the file's diffusers metadata or alpha keys, is loaded by diffusers and fused into the
+      weights (then the LoRA layers are removed), so the probe runs the plain module tree.
+    """
+    path = Path(path)
+    sd = read_state_dict(path, field)
+    if is_lora_state_dict(list(sd)):
+        _apply_lora_file(pipe, path, sd, field)
+        return "lora"
+    tr = pipe.transformer
+    prefixes = ("transformer.", "model.diffusion_model.", "base_model.model.", "module.")
+    for pre in prefixes:
+        if all(k.startswith(pre) for k in sd):
+            sd = {k[len(pre):]: v for k, v in sd.items()}
+    own = tr.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise ModelLoadError(f"{field}: {path} is not a state dict of this SD3 transformer ({len(missing)} missing keys, "
+                             f"e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
+    bad = [k for k in own if tuple(own[k].shape) != tuple(sd[k].shape)]
+    if bad:
+        raise ModelLoadError(f"{field}: {path}: shape of {bad[0]} is {tuple(sd[bad[0]].shape)}, "
+                             f"the transformer has {tuple(own[bad[0]].shape)}")
+    tr.load_state_dict(sd, strict=True)
+    return "transformer"
+
+
+def _apply_lora_file(pipe: Any, path: Path, sd: Mapping[str, torch.Tensor], field: str) -> None:
+    """LoRA file -> diffusers' loader (keeps the file's alpha metadata) -> fused weights."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    metadata = None
+    with loading("the LoRA file", path, field):
+        if path.suffix == ".safetensors":
+            sd, metadata = pipe.lora_state_dict(str(path.parent), weight_name=path.name, return_lora_metadata=True)
+        keys = list(sd)
+        if any(k.startswith(("text_encoder", "lora_te")) for k in keys):
+            raise ModelLoadError(f"{field}: {path} has text-encoder LoRA weights; only the transformer's are supported")
+        if not any(k.startswith(("transformer.", "lora_unet_", "lora_transformer_")) for k in keys):
+            # peft's get_peft_model_state_dict / PeftModel.save_pretrained layout: no component prefix
+            sd = {"transformer." + k.removeprefix("base_model.model."): v for k, v in sd.items()}
+        n_before = sum(isinstance(m, BaseTunerLayer) for m in pipe.transformer.modules())
+        pipe.load_lora_into_transformer(sd, transformer=pipe.transformer, adapter_name="checkpoint", metadata=metadata,
+                                        _pipeline=pipe)
+    targets = {k.split(".lora")[0] for k in sd if any(m in k for m in ("lora_A", "lora_down", "lora.down"))}
+    n_after = sum(isinstance(m, BaseTunerLayer) for m in pipe.transformer.modules())
+    if n_after - n_before != len(targets):
+        raise ModelLoadError(f"{field}: {path}: {len(targets)} LoRA-adapted modules in the file, {n_after - n_before} "
+                             f"found in this transformer (wrong model or key layout)")
+    pipe.fuse_lora(components=["transformer"])
+    pipe.unload_lora_weights()
 
 
 # ---------------------------------------------------------------------------------------- LoRA
