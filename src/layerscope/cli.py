@@ -49,6 +49,37 @@ def _inject_fault(out: Path) -> None:
         raise RuntimeError(f"LAYERSCOPE_FAULT: injected failure in {out}")
 
 
+def _run_probe_shard(probe: Any, spec: Any, writer: Any, out: Path) -> None:
+    """Run the probe; an out-of-memory becomes one ResourceError line naming the shard, the memory
+    asked for and what to change (a retry with more memory may help: ResourceError is retryable)."""
+    from layerscope.errors import ResourceError
+
+    try:
+        probe.run_shard(spec, writer)
+    except ResourceError:
+        raise
+    except MemoryError as e:
+        raise ResourceError(_oom_message(spec, out, e)) from None
+    except RuntimeError as e:
+        if type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower():
+            raise ResourceError(_oom_message(spec, out, e)) from None
+        raise
+
+
+def _oom_message(spec: Any, out: Path, e: BaseException) -> str:
+    import re
+
+    first = (str(e).strip().splitlines() or [""])[0]
+    m = re.search(r"(Tried to allocate [0-9.]+ [KMGT]?i?B)", first)
+    asked = m.group(1) if m else (first[:120] or type(e).__name__)
+    hint = ("set probes.%s.gradient_checkpointing: true, mixed_precision: bf16, optimizer: adamw8bit or mode: lora,"
+            " or raise probes.%s.resources.mem_mb / use a larger GPU" % (spec.probe, spec.probe)
+            if spec.probe == "sd3_recon_train" else
+            "lower probes.%s.batch_size, set models.%s.dtype: bf16, or raise probes.%s.resources (mem_mb, gpu_model)"
+            % (spec.probe, spec.model, spec.probe))
+    return f"out of memory in shard {out} ({asked}): {hint}"
+
+
 def cmd_run_shard(args: argparse.Namespace) -> None:
     from layerscope.data import index_digest
     from layerscope.errors import ConfigError
@@ -75,12 +106,22 @@ def cmd_run_shard(args: argparse.Namespace) -> None:
         "probe": spec.probe, "model": spec.model, "axes": spec.axes, "config_hash": spec.config_hash,
         "data_digest": json.dumps(digests, sort_keys=True), "spec": spec.to_json_dict(),
     }
+    from layerscope.progress import set_current
+    from layerscope.provenance import peak_memory_mb, reset_peak_memory, runtime_provenance
+
+    rt = runtime_provenance(spec.device, spec.model_cfg)
+    prov.update(rt)
+    set_current(f"{spec.probe} {spec.model}/{args.shard or '__'.join(spec.axes.values())}")
+    log.info("shard %s/%s on %s (%s, %s), torch %s, CUDA %s, code %s", spec.model, args.shard or spec.axes,
+             rt["device"], rt["gpu_name"], rt["dtype"], rt["torch_version"], rt["cuda_version"], rt["git_revision"])
+    reset_peak_memory(rt["device"])
     t0 = time.perf_counter()
     out = Path(args.out)
     with ShardWriter(out, prov) as w:
-        probe.run_shard(spec, w)
+        _run_probe_shard(probe, spec, w, out)
         _inject_fault(out)
         w.set_attr("seconds", time.perf_counter() - t0)
+        w.set_attr("peak_accelerator_mem_mb", peak_memory_mb(rt["device"]))
     log.info("wrote %s in %.1f s", out, time.perf_counter() - t0)
 
 

@@ -238,6 +238,9 @@ class SD3TextGrad(Probe):
         tok_scores: dict[int, list[np.ndarray]] = {b: [] for b in blocks}
         masks, objectives, ids = [], [], []
         bs = int(cfg.get("batch_size", 4))
+        from layerscope.progress import current as progress
+
+        prog = progress(len(records), "images")
         for start in range(0, len(records), bs):
             batch = records[start:start + bs]
             caps = [r.caption for r in batch]
@@ -278,6 +281,7 @@ class SD3TextGrad(Probe):
             masks.append(mask.numpy())
             objectives.append(y)
             ids.extend(r.image_id for r in batch)
+            prog.update(len(batch))
 
         n = len(ids)
         for b in blocks:
