@@ -111,8 +111,9 @@ def cmd_run_shard(args: argparse.Namespace) -> None:
 
     rt = runtime_provenance(spec.device, spec.model_cfg)
     prov.update(rt)
-    set_current(f"{spec.probe} {spec.model}/{args.shard or '__'.join(spec.axes.values())}")
-    log.info("shard %s/%s on %s (%s, %s), torch %s, CUDA %s, code %s", spec.model, args.shard or spec.axes,
+    label = args.shard or Path(args.out).name.removesuffix(".h5")
+    set_current(f"{spec.probe} {spec.model}/{label}")
+    log.info("shard %s %s/%s on %s (%s, %s), torch %s, CUDA %s, code %s", spec.probe, spec.model, label,
              rt["device"], rt["gpu_name"], rt["dtype"], rt["torch_version"], rt["cuda_version"], rt["git_revision"])
     reset_peak_memory(rt["device"])
     t0 = time.perf_counter()

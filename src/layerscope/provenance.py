@@ -54,8 +54,8 @@ def runtime_provenance(device_pref: str, model_cfg: Mapping[str, Any]) -> dict[s
     gpu = "none"
     if dev.type == "cuda":
         gpu = torch.cuda.get_device_name(dev)
-    return {"device": str(dev), "dtype": dtype, "gpu_name": gpu, "torch_version": torch.__version__,
-            "cuda_version": torch.version.cuda or "none", "git_revision": git_revision()}
+    return {"device": str(dev), "dtype": dtype, "gpu_name": str(gpu), "torch_version": str(torch.__version__),
+            "cuda_version": str(torch.version.cuda or "none"), "git_revision": git_revision()}
 
 
 def reset_peak_memory(device: "torch.device | str") -> None:
