@@ -7,6 +7,7 @@
     layerscope merge --probe P --model M [--expect-hash H] --out-dir DIR SHARD...
     layerscope plot --probe P --out-dir DIR TABLE_DIR...
     layerscope inspect SHARD.h5                      provenance of a shard
+    layerscope status [--config C] [--workdir D]     shards done / missing / refused, GPU hours
 
 Errors a user can fix (config, paths, weights, data, bad shards) print as ``layerscope: error: ...``
 naming the field or file, and exit with status 2.
@@ -184,6 +185,16 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"groups: {len(sh.groups)}")
 
 
+def cmd_status(args: argparse.Namespace) -> None:
+    from layerscope.plan import plan_from_file
+    from layerscope.status import format_status, study_status
+
+    wd = Path(args.workdir)
+    config = args.config or str(wd / "config.yaml")
+    plan = plan_from_file(config, wd)
+    print(format_status(study_status(plan, wd)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="layerscope", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -233,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("check-config", help="validate a config and print its shard plan")
     s.add_argument("config")
     s.set_defaults(func=cmd_check_config)
+
+    s = sub.add_parser("status", help="shards done / missing / refused and GPU hours, per probe and model")
+    s.add_argument("--config", default=None, help="the study's config (default: <workdir>/config.yaml)")
+    s.add_argument("--workdir", default=".", help="the study's working directory (where results/ is)")
+    s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("inspect", help="print a shard's provenance")
     s.add_argument("shard")
