@@ -37,6 +37,11 @@ envvars:
 
 if not shutil.which("layerscope"):
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+# Last resort, last on PATH: a launcher running this checkout's src/ with whatever python the job
+# has (a --sdm conda environment holds the dependencies, not the package).
+_LAUNCHER = str(Path(workflow.basedir) / "workflow" / "scripts" / "bin")
+if _LAUNCHER not in os.environ["PATH"].split(os.pathsep):
+    os.environ["PATH"] = f"{os.environ['PATH']}{os.pathsep}{_LAUNCHER}"
 SAFE = r"[A-Za-z0-9.+=-]+(_[A-Za-z0-9.+=-]+)*"
 
 
