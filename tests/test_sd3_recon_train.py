@@ -217,6 +217,14 @@ def test_probe_shard_checkpoint_merge_plot_and_plan(study, tmp_path, monkeypatch
     assert ck == Path(plan.model("tiny_recon")["path"])  # the checkpoint is exactly what the second model loads
     assert (ck / "model_index.json").is_file() and (ck / "transformer").is_dir()
     assert Path("results/sd3_recon/checkpoints/tiny/gamma-0__target-1__seed-0/model_index.json").is_file()
+    # full mode stores only the transformer; the other components are relative links to the base's
+    import os
+
+    assert not (ck / "transformer").is_symlink() and shards[1].attrs["checkpoint_kind"] == "transformer+links"
+    for comp in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "tokenizer", "scheduler"):
+        assert (ck / comp).is_symlink() and not os.readlink(ck / comp).startswith("/"), comp
+        assert (ck / comp).resolve() == (Path(study["tiny_t5"]) / comp).resolve(), comp
+    assert not list(Path("results/sd3_recon_train/shards/tiny").glob("*.resume"))  # resumable state cleaned
     man = json.loads((ck / "layerscope_checkpoint.json").read_text())
     assert man["train"]["gamma"] == 0.5 and man["train"]["target_layer"] == 1 and man["axes"]["seed"] == "0"
     assert shards[1].attrs["checkpoint"] == str(ck) and shards[1].attrs["target_hook"] == "transformer_blocks.0.hook_text_out"
@@ -368,3 +376,36 @@ def test_shard_killed_by_sigkill_resumes_through_the_cli(study, tmp_path, monkey
         np.testing.assert_array_equal(sh.groups["train/losses"][k], ref.groups["train/losses"][k], err_msg=k)
     ref_w = load_file(ck / "transformer" / "diffusion_pytorch_model.safetensors")
     assert resumed_w.keys() == ref_w.keys() and all(torch.equal(resumed_w[k], ref_w[k]) for k in ref_w)
+
+
+def test_gradient_checkpointing_and_bf16_autocast(study):
+    """gradient_checkpointing recomputes every block in the backward pass (each block runs twice
+    per step) and changes no number beyond float rounding; mixed_precision bf16 runs the forward in
+    bf16 (losses move by bf16 rounding, not more) while weights and AdamW states stay fp32."""
+    from layerscope.training import FineTuneConfig, fine_tune, load_pipeline
+
+    dev = torch.device("cpu")
+    base = FineTuneConfig(gamma=0.5, target_layer=1, steps=3, batch_size=2, seed=5, max_sequence_length=4, learning_rate=1e-3)
+
+    def run(**kw):
+        pipe = load_pipeline({"kind": "path", "path": str(study["base"])}, dev)
+        calls = []
+        h = pipe.transformer.transformer_blocks[1].attn.to_q.register_forward_hook(lambda *a: calls.append(1))
+        res, _ = fine_tune(pipe, _data(pipe, study["index"]), FineTuneConfig(**{**base.__dict__, **kw}))
+        h.remove()
+        return res, pipe, len(calls)
+
+    ref, ref_pipe, n_ref = run()
+    ck, ck_pipe, n_ck = run(gradient_checkpointing=True)
+    assert (n_ref, n_ck) == (3, 6)
+    np.testing.assert_allclose(ck.total, ref.total, rtol=1e-6)
+    for (k, a), b in zip(ref_pipe.transformer.state_dict().items(), ck_pipe.transformer.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=k)
+    assert not ck_pipe.transformer.is_gradient_checkpointing  # switched off again after training
+
+    bf, bf_pipe, _ = run(mixed_precision="bf16")
+    assert all(p.dtype == torch.float32 for p in bf_pipe.transformer.parameters())
+    assert not np.array_equal(bf.total, ref.total)  # the forward really ran in bf16
+    np.testing.assert_allclose(bf.denoise, ref.denoise, rtol=5e-2)
+    with pytest.raises(ReconConfigError, match="mixed_precision: 'fp8' is not one of no, bf16"):
+        FineTuneConfig(mixed_precision="fp8")

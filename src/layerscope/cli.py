@@ -119,11 +119,14 @@ def cmd_run_shard(args: argparse.Namespace) -> None:
     reset_peak_memory(rt["device"])
     t0 = time.perf_counter()
     out = Path(args.out)
-    with ShardWriter(out, prov) as w:
-        _run_probe_shard(probe, spec, w, out)
-        _inject_fault(out)
-        w.set_attr("seconds", time.perf_counter() - t0)
-        w.set_attr("peak_accelerator_mem_mb", peak_memory_mb(rt["device"]))
+    try:
+        with ShardWriter(out, prov) as w:
+            _run_probe_shard(probe, spec, w, out)
+            _inject_fault(out)
+            w.set_attr("seconds", time.perf_counter() - t0)
+            w.set_attr("peak_accelerator_mem_mb", peak_memory_mb(rt["device"]))
+    finally:
+        set_current("")
     log.info("wrote %s in %.1f s", out, time.perf_counter() - t0)
 
 
