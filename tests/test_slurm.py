@@ -317,6 +317,9 @@ def test_per_probe_slurm_resources_reach_sbatch(slurm_cluster, tmp_path):
     """probes.<p>.resources: partition, account, qos, constraint, cpus_per_task, slurm_extra, GPUs,
     memory and time are what SLURM granted the shard job (scontrol show job); run with the
     workflow profile and no profile link."""
+    # every CPU of the test node (a request beyond it would pend forever with reason PartitionConfig)
+    node = subprocess.run(["scontrol", "show", "node", "-o"], capture_output=True, text=True, check=True).stdout
+    ncpu = int(dict(t.split("=", 1) for t in node.split() if "=" in t)["CPUTot"])
     cfg = {
         "runtime": {"device": "cpu", "threads": 1},
         "datasets": {"photos": {"kind": "skimage"}},
@@ -324,7 +327,7 @@ def test_per_probe_slurm_resources_reach_sbatch(slurm_cluster, tmp_path):
         "probes": {"dinov3_channels": {"models": ["d"], "dataset": "photos", "slices": 1, "max_images": 2, "image_size": 32,
                                        "resources": {"gpus": 1, "mem_mb": 1500, "runtime": 7, "slurm_partition": "debug",
                                                      "slurm_account": "root", "qos": "normal", "constraint": "fakegpu",
-                                                     "cpus_per_task": 2, "slurm_extra": "--nice=7"}}},
+                                                     "cpus_per_task": ncpu, "slurm_extra": "--nice=7"}}},
     }
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(cfg))
     exe = Path(sys.executable).with_name("snakemake")
@@ -338,7 +341,7 @@ def test_per_probe_slurm_resources_reach_sbatch(slurm_cluster, tmp_path):
     assert shard["State"] == "COMPLETED", shard
     j = slurm_cluster.scontrol_job(shard["JobID"])
     assert (j["Partition"], j["Account"], j["QOS"], j["Features"], j["Nice"]) == ("debug", "root", "normal", "fakegpu", "7"), j
-    assert j["CPUs/Task"] == "2" and j["TimeLimit"] == "00:07:00" and "gres/gpu=1" in j["TRES"], j
+    assert j["CPUs/Task"] == str(ncpu) and j["TimeLimit"] == "00:07:00" and "gres/gpu=1" in j["TRES"], j
     assert "mem=1500M" in j["TRES"], j
     (merge,) = jobs["rule_dinov3_channels_merge_wildcards_d"]
     m = slurm_cluster.scontrol_job(merge["JobID"])

@@ -87,17 +87,26 @@ def probe_resources(probe, default_gpus):
             out[key] = value
     bad = forbidden_slurm_extra(str(res.get("slurm_extra") or ""))
     if bad:
-        raise WorkflowError(f"config field probes.{probe}.resources.slurm_extra: {bad[0]} is set by the SLURM plugin itself "
-                            f"and refused there; use the resource {bad[1]} instead")
+        raise WorkflowError(
+            f"config field probes.{probe}.resources.slurm_extra: {bad[0]} is set by the SLURM plugin itself "
+            f"and refused there; use the resource {bad[1]} instead"
+        )
     return out
 
 
 # sbatch options the SLURM plugin sets itself and refuses in slurm_extra -> the resource that sets them
 _SLURM_OWN = {
-    r"--qos\b": "qos", r"--constraint\b|(^|\s)-C\s": "constraint", r"--partition\b|(^|\s)-p\s": "slurm_partition",
-    r"--account\b|(^|\s)-A\s": "slurm_account", r"--cpus-per-task\b|(^|\s)-c\s": "cpus_per_task",
-    r"--mem\b|--mem-per-cpu\b": "mem_mb", r"--time\b|(^|\s)-t\s": "runtime", r"--gpus\b|--gres\b": "gpus",
-    r"--nodes\b|(^|\s)-N\s": "nodes", r"--ntasks\b|(^|\s)-n\s": "tasks", r"--clusters\b": "clusters",
+    r"--qos\b": "qos",
+    r"--constraint\b|(^|\s)-C\s": "constraint",
+    r"--partition\b|(^|\s)-p\s": "slurm_partition",
+    r"--account\b|(^|\s)-A\s": "slurm_account",
+    r"--cpus-per-task\b|(^|\s)-c\s": "cpus_per_task",
+    r"--mem\b|--mem-per-cpu\b": "mem_mb",
+    r"--time\b|(^|\s)-t\s": "runtime",
+    r"--gpus\b|--gres\b": "gpus",
+    r"--nodes\b|(^|\s)-N\s": "nodes",
+    r"--ntasks\b|(^|\s)-n\s": "tasks",
+    r"--clusters\b": "clusters",
 }
 
 
