@@ -42,6 +42,11 @@ class SlurmCluster:
         ).stdout
         return [dict(zip(SACCT_FIELDS, row)) for row in csv.reader(io.StringIO(out), delimiter="|") if row]
 
+    def scontrol_job(self, job_id: str) -> dict[str, str]:
+        """`scontrol show job -o ID` as key=value pairs (what SLURM actually granted the job)."""
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True).stdout
+        return dict(tok.split("=", 1) for tok in out.split() if "=" in tok)
+
     def squeue(self) -> list[dict[str, str]]:
         out = subprocess.run(["squeue", "-h", "-o", "%i|%T|%k"], capture_output=True, text=True, check=True).stdout
         return [dict(zip(("JobID", "State", "Comment"), line.split("|", 2))) for line in out.splitlines() if line]

@@ -249,6 +249,14 @@ def test_probe_shard_checkpoint_merge_plot_and_plan(study, tmp_path, monkeypatch
     assert ck == Path(plan.model("tiny_recon")["path"])  # the checkpoint is exactly what the second model loads
     assert (ck / "model_index.json").is_file() and (ck / "transformer").is_dir()
     assert Path("results/sd3_recon/checkpoints/tiny/gamma-0__target-1__seed-0/model_index.json").is_file()
+    # full mode stores only the transformer; the other components are relative links to the base's
+    import os
+
+    assert not (ck / "transformer").is_symlink() and shards[1].attrs["checkpoint_kind"] == "transformer+links"
+    for comp in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "tokenizer", "scheduler"):
+        assert (ck / comp).is_symlink() and not os.readlink(ck / comp).startswith("/"), comp
+        assert (ck / comp).resolve() == (Path(study["tiny_t5"]) / comp).resolve(), comp
+    assert not list(Path("results/sd3_recon_train/shards/tiny").glob("*.resume"))  # resumable state cleaned
     man = json.loads((ck / "layerscope_checkpoint.json").read_text())
     assert man["train"]["gamma"] == 0.5 and man["train"]["target_layer"] == 1 and man["axes"]["seed"] == "0"
     assert shards[1].attrs["checkpoint"] == str(ck) and shards[1].attrs["target_hook"] == "transformer_blocks.0.hook_text_out"
@@ -359,3 +367,144 @@ def test_merge_refuses_a_shard_without_recorded_conventions(tmp_path):
     assert (df["loss_convention"] == conv["loss_convention"]).all() and (df["shift"] == 3.0).all()
     with pytest.raises(ShardError, match=r"old\.h5: train/losses lacks timestep_sampling, shift, loss_convention"):
         SD3ReconTrain().merge([Shard(tmp_path / "new.h5"), Shard(tmp_path / "old.h5")])
+
+
+# ---------------------------------------------------------------------------------------- resume
+def _state(tr) -> dict:
+    return {k: v.detach().clone() for k, v in tr.state_dict().items()}
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_killed_and_resumed_training_equals_uninterrupted_bitwise(study, tmp_path, mode):
+    """A run stopped after step 3 (state saved after step 2) and resumed from its resumable state
+    gives exactly the losses and final weights of the run that was never stopped."""
+    from layerscope.training import RESUME_FILE, FineTuneConfig, fine_tune, load_pipeline
+
+    dev = torch.device("cpu")
+    cfg = FineTuneConfig(gamma=0.5, target_layer=1, steps=5, batch_size=3, seed=4, max_sequence_length=4, mode=mode,
+                         learning_rate=1e-2, weighting="logit_normal", checkpoint_every=2)
+    pipe = load_pipeline({"kind": "path", "path": str(study["base"])}, dev)
+    data = _data(pipe, study["index"])
+    ref, _ = fine_tune(pipe, data, cfg, resume_dir=tmp_path / "ref.resume", fingerprint="f")
+    ref_w = _state(pipe.transformer)
+    assert ref.extra["resumed_at"] == 0
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_third(step, _losses):
+        if step == 2:
+            raise Killed
+
+    pipe = load_pipeline({"kind": "path", "path": str(study["base"])}, dev)
+    with pytest.raises(Killed):
+        fine_tune(pipe, data, cfg, on_step=kill_after_third, resume_dir=tmp_path / "run.resume", fingerprint="f")
+    saved = torch.load(tmp_path / "run.resume" / RESUME_FILE, weights_only=False)
+    assert saved["step"] == 2 and not list((tmp_path / "run.resume").glob(".*tmp"))
+
+    torch.manual_seed(12345)  # the resumed process starts with other global RNG states
+    np.random.seed(7)
+    pipe = load_pipeline({"kind": "path", "path": str(study["base"])}, dev)
+    res, _ = fine_tune(pipe, data, cfg, resume_dir=tmp_path / "run.resume", fingerprint="f")
+    assert res.extra["resumed_at"] == 2
+    for k in ("denoise", "recon", "total", "sigma", "grad_norm", "n_valid_tokens", "skipped"):
+        np.testing.assert_array_equal(getattr(res, k), getattr(ref, k), err_msg=k)
+    got = _state(pipe.transformer)
+    assert got.keys() == ref_w.keys() and all(torch.equal(got[k], ref_w[k]) for k in ref_w)
+    # the state really was used: the weights after step 2 differ from the start (this is not a rerun from 0)
+    assert (res.total[:2] == ref.total[:2]).all() and res.recon_computed
+
+    # a state written with other settings (or data: the fingerprint) is not resumed from
+    pipe = load_pipeline({"kind": "path", "path": str(study["base"])}, dev)
+    other, _ = fine_tune(pipe, data, FineTuneConfig(**{**cfg.__dict__, "learning_rate": 2e-2}),
+                         resume_dir=tmp_path / "run.resume", fingerprint="f")
+    assert other.extra["resumed_at"] == 0
+    pipe = load_pipeline({"kind": "path", "path": str(study["base"])}, dev)
+    assert fine_tune(pipe, data, cfg, resume_dir=tmp_path / "run.resume", fingerprint="other-data")[0].extra["resumed_at"] == 0
+
+
+def test_shard_killed_by_sigkill_resumes_through_the_cli(study, tmp_path, monkeypatch):
+    """run-shard in a subprocess is SIGKILLed after step 3 (LAYERSCOPE_FAULT hook); no shard is left,
+    the resumable state is; the rerun resumes at step 2 and ends with the losses and checkpoint
+    weights of an uninterrupted shard, and removes the resumable state."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from layerscope.cli import main as cli
+    from layerscope.h5io import Shard
+    from layerscope.plan import Plan, validate_config
+
+    monkeypatch.chdir(tmp_path)
+    pcfg = {"models": ["tiny"], "dataset": "toy", "gammas": [0.5], "targets": [1], "seeds": [0], "steps": 5,
+            "max_sequence_length": 8, "checkpoint_every": 2, "batch_size": 3, "learning_rate": 1e-2}
+    cfg = {"runtime": {"device": "cpu"}, "models": {"tiny": {"family": "sd3", "source": str(study["tiny_t5"])}},
+           "datasets": {"toy": {"kind": "list", "path": str(study["index"])}},
+           "probes": {"sd3_recon_train": pcfg}}
+    validate_config(cfg)
+    Path("results/data/toy").mkdir(parents=True)
+    Path("results/data/toy/index.tsv").write_bytes(Path(study["index"]).read_bytes())
+    plan = Plan(cfg, tmp_path)
+    (model, label), = plan.shards("sd3_recon_train")
+    spec = plan.spec_json("sd3_recon_train", model, label)
+    out = Path(plan.shard_path("sd3_recon_train", model, label))
+    env = {**os.environ, "LAYERSCOPE_FAULT": "kill_after_step:3", "LAYERSCOPE_PROGRESS_SECONDS": "0", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    r = subprocess.run([sys.executable, "-m", "layerscope", "run-shard", "--spec", spec, "--out", str(out)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9, r.stderr[-2000:]
+    resume = out.with_name(out.name.removesuffix(".h5") + ".resume")
+    assert not out.exists() and (resume / "state.pt").is_file()
+    assert f"layerscope progress: sd3_recon_train tiny/{label}: 3/5 steps (60.0%)" in r.stderr
+    assert "4/5 steps" not in r.stderr  # killed right after step 3
+
+    assert cli(["run-shard", "--spec", spec, "--out", str(out)]) == 0
+    assert not resume.exists()
+    sh = Shard(out)
+    assert sh.attrs["resumed_at_step"] == 2
+    ck = Path(sh.attrs["checkpoint"])
+    resumed_w = load_file(ck / "transformer" / "diffusion_pytorch_model.safetensors")
+
+    ref_out = tmp_path / "ref" / "ref.h5"
+    ref_out.parent.mkdir()
+    assert cli(["run-shard", "--spec", spec, "--out", str(ref_out)]) == 0  # same checkpoint folder: rewritten
+    ref = Shard(ref_out)
+    assert ref.attrs["resumed_at_step"] == 0
+    for k in ("total", "denoise", "recon", "grad_norm", "sigma"):
+        np.testing.assert_array_equal(sh.groups["train/losses"][k], ref.groups["train/losses"][k], err_msg=k)
+    ref_w = load_file(ck / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert resumed_w.keys() == ref_w.keys() and all(torch.equal(resumed_w[k], ref_w[k]) for k in ref_w)
+
+
+def test_gradient_checkpointing_and_bf16_autocast(study):
+    """gradient_checkpointing recomputes every block in the backward pass (each block runs twice
+    per step) and changes no number beyond float rounding; mixed_precision bf16 runs the forward in
+    bf16 (losses move by bf16 rounding, not more) while weights and AdamW states stay fp32."""
+    from layerscope.training import FineTuneConfig, fine_tune, load_pipeline
+
+    dev = torch.device("cpu")
+    base = FineTuneConfig(gamma=0.5, target_layer=1, steps=3, batch_size=2, seed=5, max_sequence_length=4, learning_rate=1e-3)
+
+    def run(**kw):
+        pipe = load_pipeline({"kind": "path", "path": str(study["base"])}, dev)
+        calls = []
+        h = pipe.transformer.transformer_blocks[1].attn.to_q.register_forward_hook(lambda *a: calls.append(1))
+        res, _ = fine_tune(pipe, _data(pipe, study["index"]), FineTuneConfig(**{**base.__dict__, **kw}))
+        h.remove()
+        return res, pipe, len(calls)
+
+    ref, ref_pipe, n_ref = run()
+    ck, ck_pipe, n_ck = run(gradient_checkpointing=True)
+    assert (n_ref, n_ck) == (3, 6)
+    np.testing.assert_allclose(ck.total, ref.total, rtol=1e-6)
+    for (k, a), b in zip(ref_pipe.transformer.state_dict().items(), ck_pipe.transformer.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=k)
+    assert not ck_pipe.transformer.is_gradient_checkpointing  # switched off again after training
+
+    bf, bf_pipe, _ = run(mixed_precision="bf16")
+    assert all(p.dtype == torch.float32 for p in bf_pipe.transformer.parameters())
+    assert not np.array_equal(bf.total, ref.total)  # the forward really ran in bf16
+    np.testing.assert_allclose(bf.denoise, ref.denoise, rtol=5e-2)
+    with pytest.raises(ReconConfigError, match="mixed_precision: 'fp8' is not one of no, bf16"):
+        FineTuneConfig(mixed_precision="fp8")

@@ -269,3 +269,83 @@ def test_default_study_under_slurm_matches_local_run(slurm_cluster, tmp_path):
 
         declared = sorted(f"results/{p}/figures/{f}.png" for p in study["probes"] for f in get_probe(p).figures)
         assert sorted(summary["figures"]) == declared
+
+
+# ---- profiles, resources per probe, the conda environment -----------------------------------------
+
+def test_workflow_profile_needs_no_link_and_keeps_going(tmp_path):
+    """`snakemake --workflow-profile slurm` from any directory finds profiles/slurm beside the
+    Snakefile with an empty user config dir; profiles/default applies to plain runs; both keep going."""
+    env = slurm_env({"XDG_CONFIG_HOME": str(tmp_path / "xdg")})
+    exe = Path(sys.executable).with_name("snakemake")
+    base = [str(exe), "-s", str(REPO / "Snakefile"), "-n", "-d", str(tmp_path / "wd"), "--configfile", str(REPO / "config.yaml")]
+    r = subprocess.run(base + ["--workflow-profile", "slurm"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, output_of(r)
+    assert f"Using workflow specific profile {REPO / 'profiles/slurm'}" in r.stdout + r.stderr and "Job stats:" in r.stdout
+    r = subprocess.run(base, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and f"workflow specific profile {REPO / 'profiles/default'}" in r.stdout + r.stderr
+    for name in ("slurm", "local", "default"):
+        prof = yaml.safe_load((REPO / "profiles" / name / "config.yaml").read_text())
+        assert prof["keep-going"] is True, name
+    # the plugin rejects --qos in slurm_extra: the profile no longer suggests it
+    assert "slurm_extra: \"'--qos" not in (REPO / "profiles/slurm/config.yaml").read_text()
+
+
+def test_conda_env_has_no_relative_paths_and_the_launcher_runs_the_checkout(tmp_path):
+    """`--sdm conda` copies envs/layerscope.yaml elsewhere, so it may not refer to files by relative
+    path; its pins are requirements.txt's. The package comes from the checkout through
+    workflow/scripts/bin/layerscope, which works with a python that has no layerscope installed."""
+    env_file = yaml.safe_load((REPO / "envs/layerscope.yaml").read_text())
+    pip = next(d["pip"] for d in env_file["dependencies"] if isinstance(d, dict))
+    assert not [x for x in pip if x.startswith("-") or ".." in x or "/" in x], pip
+    req = {ln.split("==")[0].lower(): ln for ln in (REPO / "requirements.txt").read_text().splitlines() if "==" in ln}
+    for x in pip:
+        assert req[x.split("==")[0].lower()] == x, x
+    # a PATH holding only a bare python (a link to this interpreter) and the launcher's folder
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "python").symlink_to(sys.executable)
+    e = {"PATH": f"{bare}:{REPO / 'workflow/scripts/bin'}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    r = subprocess.run(["bash", "-c", "command -v layerscope && layerscope check-config config.yaml"], cwd=REPO,
+                       capture_output=True, text=True, env=e, timeout=120)
+    assert r.returncode == 0, output_of(r)
+    assert r.stdout.splitlines()[0] == str(REPO / "workflow/scripts/bin/layerscope") and "dinov3_channels" in r.stdout
+
+
+@pytest.mark.slurm
+def test_per_probe_slurm_resources_reach_sbatch(slurm_cluster, tmp_path):
+    """probes.<p>.resources: partition, account, qos, constraint, cpus_per_task, slurm_extra, GPUs,
+    memory and time are what SLURM granted the shard job (scontrol show job); run with the
+    workflow profile and no profile link."""
+    # every CPU of the test node (a request beyond it would pend forever with reason PartitionConfig)
+    node = subprocess.run(["scontrol", "show", "node", "-o"], capture_output=True, text=True, check=True).stdout
+    ncpu = int(dict(t.split("=", 1) for t in node.split() if "=" in t)["CPUTot"])
+    cfg = {
+        "runtime": {"device": "cpu", "threads": 1},
+        "datasets": {"photos": {"kind": "skimage"}},
+        "models": {"d": {"family": "dinov3", "source": "tiny:default", "seed": 0}},
+        "probes": {"dinov3_channels": {"models": ["d"], "dataset": "photos", "slices": 1, "max_images": 2, "image_size": 32,
+                                       "resources": {"gpus": 1, "mem_mb": 1500, "runtime": 7, "slurm_partition": "debug",
+                                                     "slurm_account": "root", "qos": "normal", "constraint": "fakegpu",
+                                                     "cpus_per_task": ncpu, "slurm_extra": "--nice=7"}}},
+    }
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(cfg))
+    exe = Path(sys.executable).with_name("snakemake")
+    cmd = [str(exe), "-s", str(REPO / "Snakefile"), "--workflow-profile", "slurm", "--configfile", str(tmp_path / "study.yaml"),
+           "--slurm-init-seconds-before-status-checks", str(STATUS_CHECK_SECONDS)]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=420,
+                       env=slurm_env({"XDG_CONFIG_HOME": str(tmp_path / "xdg")}))
+    assert r.returncode == 0, output_of(r)
+    jobs = by_comment(slurm_cluster.sacct(run_id(r)))
+    (shard,) = jobs["rule_dinov3_channels_shard_wildcards_d_slice-0of1"]
+    assert shard["State"] == "COMPLETED", shard
+    j = slurm_cluster.scontrol_job(shard["JobID"])
+    assert (j["Partition"], j["Account"], j["QOS"], j["Features"], j["Nice"]) == ("debug", "root", "normal", "fakegpu", "7"), j
+    assert j["CPUs/Task"] == str(ncpu) and j["TimeLimit"] == "00:07:00" and "gres/gpu=1" in j["TRES"], j
+    # memory is not a consumable resource on the test node (CR_Core): scontrol's TRES of a finished job
+    # omits it; the request is in sacct's ReqTRES (as in the retry test) and scontrol's MinMemoryNode
+    assert tres(shard["ReqTRES"])["mem"] == "1500M" and j["MinMemoryNode"] == "1500M", (shard, j)
+    (merge,) = jobs["rule_dinov3_channels_merge_wildcards_d"]
+    m = slurm_cluster.scontrol_job(merge["JobID"])
+    assert m["Nice"] == "0" and m["Features"] == "(null)" and "gres/gpu" not in m["TRES"], m  # per probe: shards only
+    assert (tmp_path / "results/benchmarks/dinov3_channels/shards/d/slice-0of1.tsv").is_file()

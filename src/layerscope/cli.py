@@ -9,6 +9,7 @@
     layerscope inspect SHARD.h5                      provenance of a shard
     layerscope textgrad --prompt P --image IMG --model DIR [--load-ckpt F] --out DIR
                                                      note 000's single-pair mode (SD3 text gradients)
+    layerscope status [--config C] [--workdir D]     shards done / missing / refused, GPU hours
 
 Errors a user can fix (config, paths, weights, data, bad shards) print as ``layerscope: error: ...``
 naming the field or file, and exit with status 2.
@@ -68,6 +69,37 @@ def _inject_fault(out: Path) -> None:
         raise ConfigError(f"config field probes: LAYERSCOPE_FAULT: injected user error in {out}")
 
 
+def _run_probe_shard(probe: Any, spec: Any, writer: Any, out: Path) -> None:
+    """Run the probe; an out-of-memory becomes one ResourceError line naming the shard, the memory
+    asked for and what to change (a retry with more memory may help: ResourceError is retryable)."""
+    from layerscope.errors import ResourceError
+
+    try:
+        probe.run_shard(spec, writer)
+    except ResourceError:
+        raise
+    except MemoryError as e:
+        raise ResourceError(_oom_message(spec, out, e)) from None
+    except RuntimeError as e:
+        if type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower():
+            raise ResourceError(_oom_message(spec, out, e)) from None
+        raise
+
+
+def _oom_message(spec: Any, out: Path, e: BaseException) -> str:
+    import re
+
+    first = (str(e).strip().splitlines() or [""])[0]
+    m = re.search(r"(Tried to allocate [0-9.]+ [KMGT]?i?B)", first)
+    asked = m.group(1) if m else (first[:120] or type(e).__name__)
+    hint = ("set probes.%s.gradient_checkpointing: true, mixed_precision: bf16, optimizer: adamw8bit or mode: lora,"
+            " or raise probes.%s.resources.mem_mb / use a larger GPU" % (spec.probe, spec.probe)
+            if spec.probe == "sd3_recon_train" else
+            "lower probes.%s.batch_size, set models.%s.dtype: bf16, or raise probes.%s.resources (mem_mb, gpu_model)"
+            % (spec.probe, spec.model, spec.probe))
+    return f"out of memory in shard {out} ({asked}): {hint}"
+
+
 def cmd_run_shard(args: argparse.Namespace) -> None:
     from layerscope.data import index_digest
     from layerscope.errors import USER_ERROR_CODES, ConfigError, LayerscopeError
@@ -96,19 +128,32 @@ def cmd_run_shard(args: argparse.Namespace) -> None:
         "probe": spec.probe, "model": spec.model, "axes": spec.axes, "config_hash": spec.config_hash,
         "data_digest": json.dumps(digests, sort_keys=True), "spec": spec.to_json_dict(),
     }
+    from layerscope.progress import set_current
+    from layerscope.provenance import peak_memory_mb, reset_peak_memory, runtime_provenance
+
+    rt = runtime_provenance(spec.device, spec.model_cfg)
+    prov.update(rt)
+    label = args.shard or Path(args.out).name.removesuffix(".h5")
+    set_current(f"{spec.probe} {spec.model}/{label}")
+    log.info("shard %s %s/%s on %s (%s, %s), torch %s, CUDA %s, code %s", spec.probe, spec.model, label,
+             rt["device"], rt["gpu_name"], rt["dtype"], rt["torch_version"], rt["cuda_version"], rt["git_revision"])
+    reset_peak_memory(rt["device"])
     t0 = time.perf_counter()
     out = Path(args.out)
     marker = user_error_marker(out)
     try:
         with ShardWriter(out, prov) as w:
-            probe.run_shard(spec, w)
+            _run_probe_shard(probe, spec, w, out)
             _inject_fault(out)
             w.set_attr("seconds", time.perf_counter() - t0)
+            w.set_attr("peak_accelerator_mem_mb", peak_memory_mb(rt["device"]))
     except LayerscopeError as e:
         if marker and e.exit_code in USER_ERROR_CODES:  # a retry at doubled resources cannot help: say so
             Path(marker).parent.mkdir(parents=True, exist_ok=True)
             Path(marker).write_text(f"{e}\n")
         raise
+    finally:
+        set_current("")
     if marker:
         Path(marker).unlink(missing_ok=True)
     log.info("wrote %s in %.1f s", out, time.perf_counter() - t0)
@@ -198,6 +243,16 @@ def cmd_textgrad(args: argparse.Namespace) -> None:
             log.info("wrote %s", p)
 
 
+def cmd_status(args: argparse.Namespace) -> None:
+    from layerscope.plan import plan_from_file
+    from layerscope.status import format_status, study_status
+
+    wd = Path(args.workdir)
+    config = args.config or str(wd / "config.yaml")
+    plan = plan_from_file(config, wd)
+    print(format_status(study_status(plan, wd)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="layerscope", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -247,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("check-config", help="validate a config and print its shard plan")
     s.add_argument("config")
     s.set_defaults(func=cmd_check_config)
+
+    s = sub.add_parser("status", help="shards done / missing / refused and GPU hours, per probe and model")
+    s.add_argument("--config", default=None, help="the study's config (default: <workdir>/config.yaml)")
+    s.add_argument("--workdir", default=".", help="the study's working directory (where results/ is)")
+    s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("inspect", help="print a shard's provenance")
     s.add_argument("shard")

@@ -52,6 +52,9 @@ __all__ = ["FineTuneConfig", "TrainResult", "load_pipeline", "encode_dataset", "
 CHECKPOINT_MANIFEST = "layerscope_checkpoint.json"
 # SD3 joint-attention projections: image stream (to_q/k/v, to_out.0) and text stream (add_*_proj, to_add_out)
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+MIXED_PRECISION = ("no", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit")
+RESUME_FILE = "state.pt"
 
 
 @dataclass(frozen=True)
@@ -83,12 +86,23 @@ class FineTuneConfig:
     image_size: int = 0  # 0: transformer.sample_size * vae_scale_factor
     max_sequence_length: int = 77  # T5 part of the joint text sequence
     max_images: int = 0  # 0: all
+    # execution settings (issue 16: training at real size; issue 14: resume) - see the probe schema
+    checkpoint_every: int = 0  # steps between resumable checkpoints; 0: none
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"  # no | bf16 (autocast; master weights and optimizer state stay fp32)
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
 
     def __post_init__(self) -> None:
         if self.mode not in ("full", "lora"):
             raise ReconConfigError(f"mode: {self.mode!r} is not one of full, lora")
         check_timestep_settings(self.timestep_sampling, self.weighting, self.shift)
         self.loss_settings  # validates loss_type / pseudo_huber_c / masked_mean / ignore_padding
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ReconConfigError(f"mixed_precision: {self.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ReconConfigError(f"optimizer: {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if int(self.checkpoint_every) < 0:
+            raise ReconConfigError(f"checkpoint_every: must be >= 0, got {self.checkpoint_every!r}")
         for key in ("steps", "batch_size", "max_sequence_length", "lora_rank"):
             if int(getattr(self, key)) < 1:
                 raise ReconConfigError(f"{key}: must be >= 1, got {getattr(self, key)!r}")
@@ -236,19 +250,100 @@ def _trainable(pipe: "StableDiffusion3Pipeline", cfg: FineTuneConfig) -> tuple[t
     return tr, peft_model  # LoRA layers are injected into tr in place; peft_model saves the adapter
 
 
+def make_optimizer(params: list[torch.nn.Parameter], cfg: FineTuneConfig) -> torch.optim.Optimizer:
+    """AdamW (fp32 states, 8 bytes per trainable weight) or bitsandbytes' 8-bit AdamW (2 bytes):
+    at SD3-medium size (2B weights) the optimizer state alone is 16 GB against 4 GB."""
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb  # type: ignore[import-not-found]
+        except ImportError:
+            raise ReconConfigError("optimizer: adamw8bit needs the bitsandbytes package (pip install bitsandbytes), "
+                                   "which is not importable here; use optimizer: adamw") from None
+        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def _rng_state() -> dict[str, Any]:
+    import random
+
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(st: Mapping[str, Any]) -> None:
+    import random
+
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if st.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _trainable_state(tr: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights that train (all of the MMDiT in full mode, the LoRA factors in lora mode)."""
+    return {n: p.detach().clone() for n, p in tr.named_parameters() if p.requires_grad}
+
+
+def save_resume_state(resume_dir: Path, state: Mapping[str, Any]) -> None:
+    """Write ``resume_dir/state.pt`` atomically (temporary file, fsync, rename): a kill while
+    writing leaves the previous resumable state intact."""
+    resume_dir.mkdir(parents=True, exist_ok=True)
+    tmp = resume_dir / f".{RESUME_FILE}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(dict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, resume_dir / RESUME_FILE)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_resume_state(resume_dir: Path | None, cfg: FineTuneConfig, fingerprint: str) -> dict[str, Any] | None:
+    """The last resumable state of this very run, or None (no state, or one written by a run with
+    other settings or data: that one is ignored with a warning, and training starts over)."""
+    import logging
+
+    if resume_dir is None or not (resume_dir / RESUME_FILE).is_file():
+        return None
+    try:
+        st = torch.load(resume_dir / RESUME_FILE, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: start over, say so
+        logging.getLogger("layerscope").warning("ignoring unreadable resume state %s (%s); training from step 0",
+                                                resume_dir / RESUME_FILE, e)
+        return None
+    if st.get("fingerprint") != fingerprint or st.get("train") != asdict(cfg):
+        logging.getLogger("layerscope").warning("ignoring resume state %s: written by a run with other settings or data; "
+                                                "training from step 0", resume_dir / RESUME_FILE)
+        return None
+    return st
+
+
 def fine_tune(pipe: "StableDiffusion3Pipeline", data: Mapping[str, torch.Tensor], cfg: FineTuneConfig,
-              on_step: Callable[[int, dict[str, float]], None] | None = None) -> tuple[TrainResult, Any]:
-    """Train ``pipe.transformer`` in place; return the per-step record and the peft model (lora) or None."""
+              on_step: Callable[[int, dict[str, float]], None] | None = None, resume_dir: str | Path | None = None,
+              fingerprint: str = "") -> tuple[TrainResult, Any]:
+    """Train ``pipe.transformer`` in place; return the per-step record and the peft model (lora) or None.
+
+    With ``cfg.checkpoint_every = N > 0`` and a ``resume_dir``, a resumable state (trainable weights,
+    optimizer, every RNG state, the data order and position, the losses so far) is written there
+    after every N-th step, and a run that finds one (same settings and ``fingerprint``) continues
+    from it: a killed-and-resumed run is bitwise the run that was never killed (on CPU).  The caller
+    removes ``resume_dir`` once the final checkpoint is safe."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)  # LoRA init
     tr, peft_model = _trainable(pipe, cfg)
+    if cfg.gradient_checkpointing:
+        # recompute each block in the backward pass instead of keeping its activations
+        tr.enable_gradient_checkpointing()
     tr.train()
     light = LightSD3Pipeline(tr, cfg.model_config, cfg.loss_config)
     n_layers = len(tr.transformer_blocks)
     params = [p for p in tr.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(params, cfg)
     shift = float(cfg.shift if cfg.shift is not None else pipe.scheduler.config.get("shift", 1.0))
     # own copy (set_timesteps() mutates); the discrete table carries the same shift
     sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=shift)
@@ -257,6 +352,7 @@ def fine_tune(pipe: "StableDiffusion3Pipeline", data: Mapping[str, torch.Tensor]
     n_train_timesteps = int(sched.config.num_train_timesteps)
     loss_settings = cfg.loss_settings
     dev = next(tr.parameters()).device
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
     lat, pe, pooled, tmask = data["latents"], data["prompt_embeds"], data["pooled"], data["text_mask"]
     n = lat.shape[0]
     if n == 0:
@@ -267,8 +363,32 @@ def fine_tune(pipe: "StableDiffusion3Pipeline", data: Mapping[str, torch.Tensor]
     skipped = np.zeros(cfg.steps, bool)
     order = torch.randperm(n, generator=gen)
     pos = 0
+    first = 0
+    rdir = Path(resume_dir) if resume_dir is not None else None
+    st = load_resume_state(rdir, cfg, fingerprint) if cfg.checkpoint_every else None
+    if st is not None:
+        with torch.no_grad():
+            named = dict(tr.named_parameters())
+            for k, v in st["weights"].items():
+                named[k].copy_(v)
+        opt.load_state_dict(st["optimizer"])
+        gen.set_state(st["generator"])
+        _set_rng_state(st["rng"])
+        order, pos, first = st["order"], int(st["pos"]), int(st["step"])
+        for k in rec:
+            rec[k][:first] = st["records"][k][:first]
+        n_valid[:first] = st["records"]["n_valid_tokens"][:first]
+        skipped[:first] = st["records"]["skipped"][:first]
+        t0 -= float(st.get("seconds", 0.0))
+        import logging
+
+        logging.getLogger("layerscope").info("resuming training at step %d of %d from %s", first, cfg.steps, rdir)
+    from layerscope.progress import current as progress
+
+    prog = progress(cfg.steps, "steps", start=first)
+    fault = _fault_step()
     try:
-        for step in range(cfg.steps):
+        for step in range(first, cfg.steps):
             idx = []
             while len(idx) < cfg.batch_size:  # epochs of a fresh permutation; batches may wrap across epochs
                 if pos == n:
@@ -282,7 +402,9 @@ def fine_tune(pipe: "StableDiffusion3Pipeline", data: Mapping[str, torch.Tensor]
             sigma = sig.to(dev).view(-1, 1, 1, 1)
             x_t = (1.0 - sigma) * x0 + sigma * noise
             target = noise - x0
-            out = light(x_t.to(tr.dtype), tstep.to(dev), pe[ix].to(tr.dtype), pooled[ix].to(tr.dtype))
+            with autocast:
+                out = light(x_t.to(tr.dtype), tstep.to(dev), pe[ix].to(tr.dtype), pooled[ix].to(tr.dtype))
+            out = _to_float(out) if cfg.mixed_precision != "no" else out
             terms = compute_losses(out, (target, None, tmask[ix]), cfg.gamma, loss_settings)
             opt.zero_grad(set_to_none=True)
             finite = bool(torch.isfinite(terms.total))
@@ -301,18 +423,49 @@ def fine_tune(pipe: "StableDiffusion3Pipeline", data: Mapping[str, torch.Tensor]
             rec["sigma"][step] = float(sigma.mean())
             rec["grad_norm"][step] = gnorm
             n_valid[step] = terms.n_valid_tokens
+            prog.update(1)
             if on_step is not None:
                 on_step(step, {k: float(v[step]) for k, v in rec.items()})
+            done = step + 1
+            if rdir is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                save_resume_state(rdir, {
+                    "fingerprint": fingerprint, "train": asdict(cfg), "step": done, "weights": _trainable_state(tr),
+                    "optimizer": opt.state_dict(), "generator": gen.get_state(), "rng": _rng_state(),
+                    "order": order.clone(), "pos": pos, "seconds": time.perf_counter() - t0,
+                    "records": {**{k: v.copy() for k, v in rec.items()}, "n_valid_tokens": n_valid.copy(), "skipped": skipped.copy()},
+                })
+            if fault is not None and done == fault:
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)  # test hook: a real kill, nothing runs after it
     finally:
         light.close()
         tr.eval()
+        if cfg.gradient_checkpointing:
+            tr.disable_gradient_checkpointing()
     result = TrainResult(rec["denoise"], rec["recon"], rec["total"], rec["sigma"], rec["grad_norm"], n_valid, skipped,
                          recon_computed=cfg.gamma > 0, trainable_params=sum(p.numel() for p in params),
                          final_hook=final_hook_name(n_layers), target_hook=target_hook_name(cfg.target_layer),
                          seconds=time.perf_counter() - t0,
                          extra={"shift": shift, "timestep_sampling": cfg.timestep_sampling,
-                                "loss_convention": loss_settings.describe()})
+                                "loss_convention": loss_settings.describe(), "resumed_at": first})
     return result, peft_model
+
+
+def _to_float(out: Any) -> Any:
+    """The denoiser's outputs back in fp32 after a bf16 autocast forward: losses in full precision."""
+    if isinstance(out, torch.Tensor):
+        return out.float()
+    if isinstance(out, tuple):
+        return tuple(_to_float(o) for o in out)
+    return out
+
+
+def _fault_step() -> int | None:
+    """Test hook ``LAYERSCOPE_FAULT=kill_after_step:<k>``: SIGKILL the process right after step k
+    (and its resumable checkpoint, if one is due), as a cluster preemption would."""
+    kind, _, rest = os.environ.get("LAYERSCOPE_FAULT", "").partition(":")
+    return int(rest) if kind == "kill_after_step" and rest.strip().isdigit() else None
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -325,16 +478,67 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
-def save_checkpoint(pipe: "StableDiffusion3Pipeline", peft_model: Any, out_dir: str | Path, manifest: Mapping[str, Any]) -> Path:
+def base_pipeline_dir(model_cfg: Mapping[str, Any]) -> Path | None:
+    """The local folder of the base pipeline (a path source, or a hub id's snapshot in the local
+    cache), or None when there is none to link to."""
+    if model_cfg.get("kind") == "hub":
+        try:
+            from huggingface_hub import snapshot_download
+
+            d = Path(snapshot_download(str(model_cfg["hub_id"]), revision=model_cfg.get("revision"), local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached: fall back to a full save
+            return None
+    else:
+        d = Path(str(model_cfg.get("path", "")))
+    return d if (d / "model_index.json").is_file() else None
+
+
+def free_frozen_components(pipe: "StableDiffusion3Pipeline", drop: bool) -> None:
+    """Once the dataset is encoded the text encoders and the VAE are never used again in training:
+    drop them (``drop``: the checkpoint links the base's copies) or move them to host memory, so
+    the accelerator holds only the transformer, its gradients and the optimizer state."""
+    import gc
+
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
+        comp = getattr(pipe, name, None)
+        if comp is None:
+            continue
+        if drop:
+            setattr(pipe, name, None)
+        else:
+            comp.to("cpu")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def save_checkpoint(pipe: "StableDiffusion3Pipeline", peft_model: Any, out_dir: str | Path, manifest: Mapping[str, Any],
+                    base_dir: str | Path | None = None) -> Path:
     """Write the trained model to ``out_dir`` atomically (temporary directory, then rename).
 
-    full: the whole pipeline (``save_pretrained``); lora: the peft adapter directory."""
+    lora: the peft adapter directory (a few MB).  full with a ``base_dir``: a pipeline folder whose
+    ``transformer/`` holds the trained weights and whose other components (text encoders, VAE,
+    tokenizers, scheduler) are relative symbolic links to the base's folders - it loads as any SD3
+    pipeline (``source: <checkpoint>``) yet stores only the transformer (kind ``transformer+links``).
+    full without one: the whole pipeline (``save_pretrained``, kind ``pipeline``)."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".partial-{os.getpid()}-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        if peft_model is None:
+        if peft_model is None and base_dir is not None:
+            base = Path(os.path.abspath(base_dir))
+            tmp.mkdir()
+            pipe.transformer.save_pretrained(tmp / "transformer")
+            index = json.loads((base / "model_index.json").read_text())
+            for comp, val in index.items():
+                if comp.startswith("_") or comp == "transformer" or not isinstance(val, list) or val[0] is None:
+                    continue
+                if (base / comp).exists():
+                    os.symlink(os.path.relpath(base / comp, os.path.abspath(out)), tmp / comp, target_is_directory=True)
+            shutil.copyfile(base / "model_index.json", tmp / "model_index.json")
+            kind = "transformer+links"
+        elif peft_model is None:
             pipe.save_pretrained(tmp)
             kind = "pipeline"
         else:

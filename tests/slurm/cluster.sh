@@ -115,7 +115,7 @@ AccountingStorageHost=localhost
 AccountingStorageTRES=gres/gpu
 JobCompType=jobcomp/none
 AccountingStoreFlags=job_comment
-NodeName=$HOST CPUs=$ncpu RealMemory=$mem Gres=gpu:2 State=UNKNOWN
+NodeName=$HOST CPUs=$ncpu RealMemory=$mem Gres=gpu:2 Features=fakegpu State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
     cat >"$ETC/gres.conf" <<EOF

@@ -35,6 +35,11 @@ envvars:
 
 if not shutil.which("layerscope"):
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+# Last resort, last on PATH: a launcher running this checkout's src/ with whatever python the job
+# has (a --sdm conda environment holds the dependencies, not the package).
+_LAUNCHER = str(Path(workflow.basedir) / "workflow" / "scripts" / "bin")
+if _LAUNCHER not in os.environ["PATH"].split(os.pathsep):
+    os.environ["PATH"] = f"{os.environ['PATH']}{os.pathsep}{_LAUNCHER}"
 SAFE = r"[A-Za-z0-9][A-Za-z0-9_-]*"  # layerscope.settings.NAME_RE
 
 
@@ -83,7 +88,45 @@ def probe_resources(probe, default_gpus):
         out["gpu"] = res["gpus"]
         if res.get("gpu_model"):
             out["gpu_model"] = res["gpu_model"]
+    # every other key goes to the executor as is (SLURM plugin: slurm_partition, slurm_account, qos,
+    # constraint, cpus_per_task, slurm_extra, nodes, tasks, mem_mb_per_cpu, clusters, ...)
+    for key, value in res.items():
+        if key not in ("gpus", "gpu_model", "mem_mb", "runtime") and value is not None:
+            out[key] = value
+    bad = forbidden_slurm_extra(str(res.get("slurm_extra") or ""))
+    if bad:
+        raise WorkflowError(
+            f"config field probes.{probe}.resources.slurm_extra: {bad[0]} is set by the SLURM plugin itself "
+            f"and refused there; use the resource {bad[1]} instead"
+        )
     return out
+
+
+# sbatch options the SLURM plugin sets itself and refuses in slurm_extra -> the resource that sets them
+_SLURM_OWN = {
+    r"--qos\b": "qos",
+    r"--constraint\b|(^|\s)-C\s": "constraint",
+    r"--partition\b|(^|\s)-p\s": "slurm_partition",
+    r"--account\b|(^|\s)-A\s": "slurm_account",
+    r"--cpus-per-task\b|(^|\s)-c\s": "cpus_per_task",
+    r"--mem\b|--mem-per-cpu\b": "mem_mb",
+    r"--time\b|(^|\s)-t\s": "runtime",
+    r"--gpus\b|--gres\b": "gpus",
+    r"--nodes\b|(^|\s)-N\s": "nodes",
+    r"--ntasks\b|(^|\s)-n\s": "tasks",
+    r"--clusters\b": "clusters",
+}
+
+
+def forbidden_slurm_extra(extra):
+    """(option, resource) for the first sbatch option in ``extra`` that the plugin rejects, else ()."""
+    import re
+
+    for pattern, resource in _SLURM_OWN.items():
+        m = re.search(pattern, extra)
+        if m:
+            return (m.group(0).strip(), resource)
+    return ()
 
 
 def caption(probe, figure):
@@ -96,10 +139,21 @@ def caption(probe, figure):
 
 
 def shard_dir(probe, model):
-    """The folder of one (probe, model)'s shards, created if absent so it can be an input."""
+    """The folder of one (probe, model)'s shards, created if absent so it can be an input.
+
+    Every model's folder of the probe is created on the first call, together: Snakemake lists a
+    folder's parent once and caches it, so a folder made after that listing (the second model's,
+    in a dry run of two models' tables) would count as missing (MissingInputException)."""
+    if probe not in _SHARD_DIRS_MADE:
+        for m in PLAN.models_of(probe):
+            os.makedirs(f"results/{probe}/shards/{m}", exist_ok=True)
+        _SHARD_DIRS_MADE.add(probe)
     d = f"results/{probe}/shards/{model}"
     os.makedirs(d, exist_ok=True)
     return d
+
+
+_SHARD_DIRS_MADE = set()
 
 
 def extra_outputs(probe, impl):

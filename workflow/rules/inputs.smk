@@ -6,6 +6,8 @@ rule build_tiny_model:
         directory("results/models/{model}"),
     log:
         "results/logs/models/{model}.log",
+    benchmark:
+        "results/benchmarks/models/{model}.tsv"
     conda:
         ENV
     threads: 1
@@ -25,6 +27,8 @@ rule dataset_index:
         "results/data/{dataset}/index.tsv",
     log:
         "results/logs/data/{dataset}.log",
+    benchmark:
+        "results/benchmarks/data/{dataset}.tsv"
     conda:
         ENV
     threads: 1

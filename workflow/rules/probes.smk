@@ -4,6 +4,8 @@
 #   <probe>_shard    one job per (model, axis values): GPU work -> results/<probe>/shards/<model>/<shard>.h5
 #   <probe>_merge    one job per model: validated shards -> results/<probe>/tables/<model>/*.csv
 #   <probe>_figures  one job per probe: every model's tables -> results/<probe>/figures/*.png (in the report)
+# Every rule has a benchmark: file under results/benchmarks/ (wall time, max RSS; TSV), and every
+# shard log carries flushed progress lines (`tail -f results/logs/<probe>/shards/<model>/<shard>.log`).
 
 for _probe, _impl in PLAN.probes.items():
 
@@ -16,6 +18,8 @@ for _probe, _impl in PLAN.probes.items():
             f"results/{_probe}/specs/{{model}}.json",
         log:
             f"results/logs/{_probe}/specs/{{model}}.log",
+        benchmark:
+            f"results/benchmarks/{_probe}/specs/{{model}}.tsv"
         localrule: True
         conda:
             ENV
@@ -39,6 +43,9 @@ for _probe, _impl in PLAN.probes.items():
             shard=f"results/{_probe}/shards/{{model}}/{{shard}}.h5",
         log:
             f"results/logs/{_probe}/shards/{{model}}/{{shard}}.log",
+        # wall time (s) and peak RSS (max_rss, MB) of every shard; `layerscope status` sums GPU hours
+        benchmark:
+            f"results/benchmarks/{_probe}/shards/{{model}}/{{shard}}.tsv"
         conda:
             ENV
         threads: PLAN.threads(_probe)
@@ -60,6 +67,8 @@ for _probe, _impl in PLAN.probes.items():
             [f"results/{_probe}/tables/{{model}}/{t}.csv" for t in _impl.tables],
         log:
             f"results/logs/{_probe}/merge/{{model}}.log",
+        benchmark:
+            f"results/benchmarks/{_probe}/merge/{{model}}.tsv"
         conda:
             ENV
         threads: 1
@@ -89,6 +98,8 @@ for _probe, _impl in PLAN.probes.items():
             ],
         log:
             f"results/logs/{_probe}/figures.log",
+        benchmark:
+            f"results/benchmarks/{_probe}/figures.tsv"
         conda:
             ENV
         threads: 1

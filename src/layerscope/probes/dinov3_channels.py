@@ -158,12 +158,16 @@ class DinoV3Channels(Probe):
 
         acc = ChannelAccumulator(layers, C, n_reg, topk, cls_norm, patch_norm, eps)
         bs = int(cfg.get("batch_size", 8))
+        from layerscope.progress import current as progress
+
+        prog = progress(len(records), "images")
         with torch.inference_mode():
             for start in range(0, len(records), bs):
                 batch = records[start:start + bs]
                 pix = preprocess([load_image(r.path, size) for r in batch], device, dtype)
                 hs = model(pixel_values=pix, output_hidden_states=True).hidden_states
                 acc.update(hs, np.array([r.image_id for r in batch], dtype=np.int64))
+                prog.update(len(batch))
 
         for (hook, role), (mom, hist, tk) in acc.stats.items():
             layer = int(hook.split(".")[1])

@@ -5,7 +5,8 @@ per-step losses to the shard and saves the trained model to a deterministic chec
 
     <checkpoint_root>/<model>/gamma-<g>__target-<t>__seed-<s>/     (default root results/sd3_recon/checkpoints)
 
-which the study can then use as a model (``source: results/sd3_recon/checkpoints/...`` for
+(``mode: full`` from a local base: the trained ``transformer/`` plus relative links to the base's
+other components, see ``training.save_checkpoint``) which the study can then use as a model (``source: results/sd3_recon/checkpoints/...`` for
 ``mode: full``; ``source: <base>`` + ``lora: results/sd3_recon/checkpoints/...`` for ``mode: lora``),
 e.g. for the sd3_textgrad probe, so one study compares per-block text influence before and after
 training.  The checkpoint is complete before the shard is: a shard on disk implies its checkpoint.
@@ -15,7 +16,11 @@ grad_norm`` (one entry per optimizer step), int64 ``n_valid_tokens`` (tokens the
 and bool ``skipped``, with attributes ``timestep_sampling``, ``shift`` and ``loss_convention`` (the
 conventions used; columns of the losses table); root
 attributes ``checkpoint``, ``checkpoint_kind``, ``final_hook``, ``target_hook``, ``trainable_params``,
-``train_seconds``, ``n_images``.
+``train_seconds``, ``n_images``, ``resumed_at_step``.
+
+Resume (``checkpoint_every: N``): every N steps the run's full state is saved atomically to
+``<shard>.resume/state.pt`` beside the shard; a rerun of a killed shard continues from it with the
+same losses and final weights as an uninterrupted run; the folder is removed when the shard ends.
 """
 
 from __future__ import annotations
@@ -50,6 +55,14 @@ def convention_attrs(cfg: Any, shift: float) -> dict[str, Any]:
 def gamma_label(g: float) -> str:
     """Canonical, filename-safe label of a gamma value (0.5 -> '0.5', 0 -> '0', 1e-05 -> '1e-05')."""
     return format(float(g), "g")
+
+
+def resume_dir(shard_path: str | Path) -> Path:
+    """Where a training shard keeps its resumable state while it runs: beside the shard,
+    ``<shard>.resume/state.pt`` (deliberately not a declared output, so Snakemake does not delete it
+    when a killed job fails; removed once the shard's checkpoint is written)."""
+    p = Path(shard_path)
+    return p.with_name(p.name.removesuffix(".h5") + ".resume")
 
 
 def checkpoint_dir(probe_cfg: Mapping[str, Any], model: str, axes: Mapping[str, str]) -> Path:
@@ -118,7 +131,8 @@ class SD3ReconTrain(Probe):
 
         from layerscope.data import index_digest, load_image, read_index
         from layerscope.models import resolve_device, set_threads
-        from layerscope.training import config_from_probe, encode_dataset, fine_tune, load_pipeline, manifest_of, save_checkpoint
+        from layerscope.training import (base_pipeline_dir, config_from_probe, encode_dataset, fine_tune, free_frozen_components,
+                                         load_pipeline, manifest_of, save_checkpoint)
 
         set_threads(spec.threads)
         pcfg = spec.probe_cfg
@@ -136,13 +150,17 @@ class SD3ReconTrain(Probe):
         size = cfg.image_size or int(pipe.transformer.config.sample_size) * int(pipe.vae_scale_factor)
         images = [load_image(r.path, size) for r in records]
         data = encode_dataset(pipe, images, [r.caption for r in records], size, cfg.max_sequence_length)
-        result, peft_model = fine_tune(pipe, data, cfg)
+        base_dir = base_pipeline_dir(spec.model_cfg) if cfg.mode == "full" else None
+        free_frozen_components(pipe, drop=cfg.mode == "lora" or base_dir is not None)
+        digest = index_digest(ds["index"])
+        resume = resume_dir(writer.path)
+        result, peft_model = fine_tune(pipe, data, cfg, resume_dir=resume, fingerprint=f"{spec.config_hash}:{digest}")
 
         ckpt = checkpoint_dir(pcfg, spec.model, spec.axes)
         manifest = {**manifest_of(cfg, spec.model_cfg), "model": spec.model, "axes": spec.axes,
-                    "config_hash": spec.config_hash, "dataset": pcfg["dataset"], "data_digest": index_digest(ds["index"]),
+                    "config_hash": spec.config_hash, "dataset": pcfg["dataset"], "data_digest": digest,
                     "final_hook": result.final_hook, "target_hook": result.target_hook}
-        save_checkpoint(pipe, peft_model, ckpt, manifest)
+        save_checkpoint(pipe, peft_model, ckpt, manifest, base_dir=base_dir)
 
         import numpy as np
 
@@ -153,7 +171,11 @@ class SD3ReconTrain(Probe):
         }, attrs={"recon_computed": result.recon_computed, "gamma": cfg.gamma, "target_layer": cfg.target_layer,
                   **convention_attrs(cfg, result.extra["shift"])})
         writer.set_attr("checkpoint", str(ckpt))
-        writer.set_attr("checkpoint_kind", "pipeline" if peft_model is None else "lora")
+        writer.set_attr("checkpoint_kind", "lora" if peft_model is not None else "transformer+links" if base_dir else "pipeline")
+        writer.set_attr("resumed_at_step", int(result.extra.get("resumed_at", 0)))
+        import shutil
+
+        shutil.rmtree(resume, ignore_errors=True)  # the checkpoint is final: the resumable state is spent
         writer.set_attr("final_hook", result.final_hook)
         writer.set_attr("target_hook", result.target_hook)
         writer.set_attr("trainable_params", int(result.trainable_params))

@@ -343,6 +343,9 @@ def compute_samples(pipe: Any, samples: Sequence[Sample], st: Settings, log: Any
     bs = int(bs)
     scores: dict[int, list[np.ndarray] | None] = {b: [] for b in st.blocks}
     objective = []
+    from layerscope.progress import current as progress
+
+    prog = progress(n, "samples")
     for start in range(0, n, bs):
         batch = samples[start:start + bs]
         out, grads = text_input_grads(tr, st.blocks, kwargs_of(batch), force_txt_grad=st.force)
@@ -353,6 +356,7 @@ def compute_samples(pipe: Any, samples: Sequence[Sample], st: Settings, log: Any
                 scores[b] = None
             elif scores[b] is not None:
                 scores[b].append(g.float().norm(dim=-1).cpu().numpy().astype(np.float64))
+        prog.update(len(batch))
     mask = np.stack([cache[s.record.image_id][3].numpy() for s in samples]) if n else np.zeros((0, st.seq_len), bool)
     return {"scores": {b: (np.concatenate(v) if v else np.zeros((0, st.seq_len))) if v is not None else None
                        for b, v in scores.items()},

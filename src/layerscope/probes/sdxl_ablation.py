@@ -240,10 +240,19 @@ class SdxlAblation(Probe):
 
         record: dict[str, Any] = {}
         gen = torch.Generator("cpu").manual_seed(seed)  # CPU noise: identical latents on any device
+        from layerscope.progress import current as progress
+
+        prog = progress(int(cfg.get("steps", 2)), "denoising steps")
+
+        def on_step(_pipe: Any, _i: int, _t: Any, kw: dict[str, Any]) -> dict[str, Any]:
+            prog.update(1)
+            return kw
+
         with torch.no_grad(), ablate_cross_attention(pipe.unet, zero_modules, zero_pooled_text=zero_pooled, record=record):
             out = pipe(prompt=prompt, negative_prompt=cfg.get("negative_prompt") or None,
                        num_inference_steps=int(cfg.get("steps", 2)), guidance_scale=float(cfg.get("guidance_scale", 5.0)),
-                       height=height, width=width, generator=gen, output_type="np")
+                       height=height, width=width, generator=gen, output_type="np",
+                       callback_on_step_end=on_step)
         img = np.asarray(out.images[0], dtype=np.float64)
         bad = int((~np.isfinite(img)).sum())
         if bad:

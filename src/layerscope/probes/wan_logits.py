@@ -220,8 +220,12 @@ class WanLogits(Probe):
             return sinks
 
         cap = wan.CaptureRequest(frozenset(layers), frozenset((c, step) for c in chunks), sinks_for, int(cfg["query_chunk"]))
+        from layerscope.progress import current as progress
+
+        prog = progress(1, "generations")
         try:
             latents = wan.generate(tr, text, noise, gcfg, "cache", capture=cap, step_noise_seed=seed + 1)
+            prog.update(1)
             if h5 is not None:
                 h5.close()
                 h5 = None
