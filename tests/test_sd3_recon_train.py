@@ -382,7 +382,7 @@ def test_killed_and_resumed_training_equals_uninterrupted_bitwise(study, tmp_pat
 
     dev = torch.device("cpu")
     cfg = FineTuneConfig(gamma=0.5, target_layer=1, steps=5, batch_size=3, seed=4, max_sequence_length=4, mode=mode,
-                         learning_rate=1e-2, weighting="logit_normal", checkpoint_every=2)
+                         learning_rate=1e-2, checkpoint_every=2)
     pipe = load_pipeline({"kind": "path", "path": str(study["base"])}, dev)
     data = _data(pipe, study["index"])
     ref, _ = fine_tune(pipe, data, cfg, resume_dir=tmp_path / "ref.resume", fingerprint="f")
@@ -437,11 +437,15 @@ def test_shard_killed_by_sigkill_resumes_through_the_cli(study, tmp_path, monkey
     from layerscope.h5io import Shard
     from layerscope.plan import Plan, validate_config
 
+    from layerscope.data import read_index
+
     monkeypatch.chdir(tmp_path)
+    lst = tmp_path / "pairs.tsv"
+    lst.write_text("".join(f"{r.path}\t{r.caption}\n" for r in read_index(study["index"])))
     pcfg = {"models": ["tiny"], "dataset": "toy", "gammas": [0.5], "targets": [1], "seeds": [0], "steps": 5,
             "max_sequence_length": 8, "checkpoint_every": 2, "batch_size": 3, "learning_rate": 1e-2}
     cfg = {"runtime": {"device": "cpu"}, "models": {"tiny": {"family": "sd3", "source": str(study["tiny_t5"])}},
-           "datasets": {"toy": {"kind": "list", "path": str(study["index"])}},
+           "datasets": {"toy": {"kind": "list", "path": str(lst)}},
            "probes": {"sd3_recon_train": pcfg}}
     validate_config(cfg)
     Path("results/data/toy").mkdir(parents=True)
