@@ -49,10 +49,13 @@ def test_progress_lines_rate_eta_and_throttle():
 
 # -------------------------------------------------------------------------------- out of memory
 def _dinov3_spec(tmp_path, dinov3_dir, photos_index):
+    from layerscope.data import read_index
     from layerscope.plan import Plan, validate_config
 
+    lst = tmp_path / "photos.tsv"  # a 'list' dataset: path<TAB>caption lines
+    lst.write_text("".join(f"{r.path}\t{r.caption}\n" for r in read_index(photos_index)))
     cfg = {"runtime": {"device": "cpu"}, "models": {"d": {"family": "dinov3", "source": str(dinov3_dir)}},
-           "datasets": {"photos": {"kind": "list", "path": str(photos_index)}},
+           "datasets": {"photos": {"kind": "list", "path": str(lst)}},
            "probes": {"dinov3_channels": {"models": ["d"], "dataset": "photos", "slices": 1, "max_images": 2,
                                           "image_size": 32}}}
     validate_config(cfg)
