@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
     from layerscope.h5io import Shard, ShardWriter
 
-__all__ = ["SdxlAblation", "ablate_cross_attention", "ablate_cross_attention_batched", "CONTROLS", "BATCHED",
+__all__ = ["SdxlAblation", "ablate_cross_attention", "ablate_cross_attention_batched", "generate_batched", "CONTROLS", "BATCHED",
            "GROUP_RE", "prompt_labels"]
 
 CONTROLS = ("all", "none")  # all: no hooks; none: every group zeroed
@@ -215,6 +215,34 @@ def ablate_cross_attention_batched(
             h.remove()
 
 
+
+def generate_batched(pipe: Any, prompt: str, seed: int, targets: Sequence[str], model_groups: Mapping[str, Sequence[str]],
+                     zero_pooled: Mapping[str, bool], call: Mapping[str, Any], *, batch_size: int = 0,
+                     records: Mapping[str, dict[str, Any]] | None = None) -> dict[str, "np.ndarray"]:
+    """Images of every target (a group name kept alone, ``all`` or ``none``) from batched runs.
+
+    At most ``batch_size`` images (0: all) share one denoising run; each starts from the noise of
+    its own CPU generator seeded with ``seed``, so it equals the batch-1 image of that target up to
+    float reassociation.  ``call`` holds the pipeline's other keyword arguments (steps, guidance,
+    size, ``output_type='np'``).  Returns float images in [0, 1], keyed by target."""
+    import numpy as np
+    import torch
+
+    chunk = batch_size or len(targets)
+    images: dict[str, np.ndarray] = {}
+    for lo in range(0, len(targets), chunk):
+        part = list(targets[lo: lo + chunk])
+        keep = {n: [t == "all" or g == t for t in part] for g, names in model_groups.items() for n in names}
+        gens = [torch.Generator("cpu").manual_seed(seed) for _ in part]
+        recs = [records[t] for t in part] if records is not None else None
+        with torch.no_grad(), ablate_cross_attention_batched(pipe.unet, keep, zero_pooled_text=[zero_pooled[t] for t in part],
+                                                             records=recs):
+            out = pipe(prompt=prompt, num_images_per_prompt=len(part), generator=gens, **call)
+        for t, im in zip(part, out.images):
+            images[t] = np.asarray(im, dtype=np.float64)
+    return images
+
+
 class SdxlAblation(Probe):
     """Cross-attention group ablation for Stable Diffusion UNets (SDXL, SD 1.x/2.x)."""
 
@@ -339,17 +367,9 @@ class SdxlAblation(Probe):
                 out = pipe(prompt=prompt, generator=gen, **call)
             images[target] = np.asarray(out.images[0], dtype=np.float64)
         else:
-            chunk = int(cfg.get("batch_size", 0) or 0) or len(targets)
-            for lo in range(0, len(targets), chunk):
-                part = targets[lo: lo + chunk]
-                keep = {n: [g not in zeroed[t] for t in part] for g, names in model_groups.items() for n in names}
-                # one generator per sample, each seeded like the batch-1 run: the same starting noise
-                gens = [torch.Generator("cpu").manual_seed(seed) for _ in part]
-                with torch.no_grad(), ablate_cross_attention_batched(
-                        pipe.unet, keep, zero_pooled_text=[zero_pooled[t] for t in part], records=[records[t] for t in part]):
-                    out = pipe(prompt=prompt, num_images_per_prompt=len(part), generator=gens, **call)
-                for t, im in zip(part, out.images):
-                    images[t] = np.asarray(im, dtype=np.float64)
+            images = generate_batched(pipe, prompt, seed, targets, model_groups, zero_pooled, call,
+                                      batch_size=int(cfg.get("batch_size", 0) or 0), records=records)
+            out = None
         del pipe, out
         gc.collect()  # diffusers pipelines hold reference cycles: free it before the CLIP scorer loads
         if device.type == "cuda":
