@@ -36,8 +36,10 @@ test: install system-deps
 dry-run: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake -n
 
+# every probe's benchmark (note's method vs probe: time, peak memory, ratio), then the per-probe
+# table; benchmarks/gpu.sh does the same at real geometry on a GPU
 bench: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python benchmarks/bench_foundation.py
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python benchmarks/run_all.py --mode cpu --markdown benchmarks/results-cpu.md
 
 clean:
 	rm -rf results .snakemake

@@ -98,7 +98,7 @@ def main() -> None:
     print(f"{'note: one pass, count/mean/std/max_abs':<60}{res['note_s']:>12.3f}{res['note_peak_mb']:>10.0f}{n_img / res['note_s']:>10.1f}")
     print(f"{'probe: one pass, mergeable moments + histogram + top-k':<60}{res['probe_s']:>12.3f}{res['probe_peak_mb']:>10.0f}{n_img / res['probe_s']:>10.1f}")
     print(f"max |mean difference| (pre, per_layer_ln): {diff:.2e}")
-    report("dinov3_channels", f"{args.arch} {args.size} px, {n_img} images", res, args.device, max_mean_diff=diff)
+    report("dinov3_channels", f"{args.arch} {args.size} px, {n_img} images", res, args.device, items=n_img, item="images", max_mean_diff=diff)
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def main() -> None:
           f"{res['probe_peak_mb']:>10.0f}{n / res['probe_s']:>10.2f}")
     print(f"max |image difference| (pixel values in [0, 1]): {diff:.2e}")
     report("sdxl_ablation", f"{len(groups)} groups + 2 controls, {args.geometry} {size} px, {args.steps} steps", res,
-           args.device, images=n, max_image_diff=diff)
+           args.device, items=n, item="images", max_image_diff=diff)
 
 
 if __name__ == "__main__":

@@ -191,7 +191,7 @@ def bench_note_vs_probe(geometry: str = "tiny", device: str = "cpu", dtype: str 
     print(f"{'note: full logits of every call of each layer, moved to host':<64}{res['note_s']:>12.3f}{res['note_peak_mb']:>10.0f}")
     print(f"{'probe: last chunk only, frame reduction on the device':<64}{res['probe_s']:>12.3f}{res['probe_peak_mb']:>10.0f}")
     print(f"max |softmax-mass difference| between the two frame tables: {diff:.2e}")
-    report("wan_logits", f"capture {len(layers)} layers, {geometry}, {frames} frames", res, device, max_mass_diff=diff)
+    report("wan_logits", f"capture {len(layers)} layers, {geometry}, {frames} frames", res, device, items=1, item="videos", max_mass_diff=diff)
 
 
 if __name__ == "__main__":

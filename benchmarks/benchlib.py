@@ -117,9 +117,10 @@ def report(probe: str, comparison: str, res: dict[str, Any], device: str = "cpu"
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table of summary rows: note's method vs probe, time, peak memory, ratio."""
-    out = ["| probe | comparison | note's method: s (peak MB) | probe: s (peak MB) | ratio min / median | device |",
-           "| --- | --- | --- | --- | --- | --- |"]
+    out = ["| probe | comparison | note's method: s (peak MB) | probe: s (peak MB) | probe throughput | ratio note/probe, min / median | device |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        thr = f"{r['items'] / r['probe_s']:.3g} {r['item']}/s" if r.get("items") and r.get("item") else ""
         out.append(f"| {r['probe']} | {r['comparison']} | {r['note_s']:.4g} ({r['note_peak_mb']:.0f}) | "
-                   f"{r['probe_s']:.4g} ({r['probe_peak_mb']:.0f}) | {r['ratio_min']:.2f}x / {r['ratio_median']:.2f}x | {r['device']} |")
+                   f"{r['probe_s']:.4g} ({r['probe_peak_mb']:.0f}) | {thr} | {r['ratio_min']:.2f}x / {r['ratio_median']:.2f}x | {r['device']} |")
     return "\n".join(out)
