@@ -20,8 +20,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	bash workflow/scripts/install_profiles.sh
 	touch $@
 
+# LAYERSCOPE_FORKSERVER: local jobs fork from one process that imported torch/diffusers once
+# (src/layerscope/forkserver.py) instead of paying ~4 s of imports each
 study: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --profile profiles/local --cores $(CORES)
+	LAYERSCOPE_FORKSERVER=auto PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --profile profiles/local --cores $(CORES)
 
 # Debian's chromium opens the Snakemake report in the report test; installed when root with apt
 # (the SLURM test fixture installs its own Debian packages the same way), else those tests skip.
