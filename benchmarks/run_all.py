@@ -108,6 +108,7 @@ def main() -> int:
         lines += [f"- {s}" for s in silent] + [f"- FAILED: {f}" for f in failed]
         lines += [f"- {p}: {s:.0f} s wall" for p, s in secs.items()]
         Path(args.markdown).write_text("\n".join(lines) + "\n")
+        Path(args.markdown).with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if failed:
         print("FAILED: " + ", ".join(failed))
         return 1
