@@ -56,7 +56,6 @@ def real_pipeline(device, dtype):
                                    timestep_spacing="leading", steps_offset=1)
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tiny_clip_tokenizer(),
                                      unet=unet, scheduler=sched).to(device=device, dtype=dtype)
-    pipe.vae.to(torch.float32)  # as the probe's fp16/bf16 advice: decode in fp32
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
