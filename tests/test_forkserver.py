@@ -59,3 +59,33 @@ def test_unusable_server_falls_back_to_in_process(tmp_path, fs_env):
     rc, out, err = _run(["check-config", str(REPO / "config.yaml")], env, tmp_path, "m")
     assert rc == 0, err
     assert "sdxl_ablation" in out
+
+
+def test_killed_client_terminates_its_forked_child(tmp_path, fs_env):
+    """SIGKILL to the client (Snakemake giving up on a job): the server terminates the child."""
+    import signal
+    import time
+
+    env, sock = fs_env
+    # a command that blocks: check-config reading a FIFO nobody writes to
+    fifo = tmp_path / "cfg.yaml"
+    os.mkfifo(fifo)
+    p = subprocess.Popen(CLI + ["check-config", str(fifo)], env=env, cwd=tmp_path,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    child = None
+    while time.monotonic() < deadline and child is None:  # the forked child: a process holding the FIFO open
+        out = subprocess.run(["pgrep", "-f", f"layerscope.forkserver {sock}"], capture_output=True, text=True).stdout.split()
+        kids = [c for srv in out for c in subprocess.run(["pgrep", "-P", srv], capture_output=True, text=True).stdout.split()]
+        child = kids[0] if kids and sock.exists() else None
+        time.sleep(0.2)
+    assert child is not None
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and Path(f"/proc/{child}").exists():
+        state = Path(f"/proc/{child}/stat").read_text().split()[2] if Path(f"/proc/{child}/stat").exists() else "X"
+        if state == "Z":
+            break
+        time.sleep(0.2)
+    assert not Path(f"/proc/{child}").exists() or Path(f"/proc/{child}/stat").read_text().split()[2] == "Z"

@@ -7,7 +7,8 @@ directory, environment and its own stdin/stdout/stderr (passed as file descripto
 job's log redirection holds) to a server that has imported the heavy libraries once; the server
 forks, the child runs the command with the modules already in memory and the client exits with
 the child's exit code.  SIGTERM/SIGINT to the client (Snakemake cancelling a job) is forwarded to
-the child, which then cleans up its temporary shard like an ordinary job.
+the child, which then cleans up its temporary shard like an ordinary job; a client killed
+outright (SIGKILL) hangs up its connection and the server sends its child SIGTERM.
 
 The first client starts the server (detached, one per user, interpreter and package
 directory; serialised by a lock file); it exits after ``LAYERSCOPE_FORKSERVER_IDLE`` seconds
@@ -188,6 +189,7 @@ def _child(msg: dict, fds: list[int]) -> None:
 def serve(path: Path, idle_s: float | None = None) -> None:
     """Import the heavy libraries, listen on ``path``, fork one child per request."""
     import importlib
+    import select
     import selectors
     import threading
 
@@ -220,7 +222,19 @@ def serve(path: Path, idle_s: float | None = None) -> None:
         with conn:
             try:
                 _send_msg(conn, {"pid": pid})
-                _, status = os.waitpid(pid, 0)
+                hung_up = False
+                while True:  # a client killed outright (SIGKILL) hangs up: terminate its child
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        break
+                    if not hung_up and select.select([conn], [], [], 0.2)[0] and not conn.recv(1, socket.MSG_PEEK):
+                        hung_up = True
+                        try:
+                            os.kill(pid, signal.SIGTERM)
+                        except ProcessLookupError:
+                            pass
+                    elif hung_up:
+                        time.sleep(0.2)
                 rc = os.waitstatus_to_exitcode(status)
                 _send_msg(conn, {"rc": rc if rc >= 0 else 128 - rc})
             except (OSError, ConnectionError):
