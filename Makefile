@@ -20,8 +20,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	bash workflow/scripts/install_profiles.sh
 	touch $@
 
+# LAYERSCOPE_FORKSERVER: local jobs fork from one process that imported torch/diffusers once
+# (src/layerscope/forkserver.py) instead of paying ~4 s of imports each
 study: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --profile profiles/local --cores $(CORES)
+	LAYERSCOPE_FORKSERVER=auto PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --profile profiles/local --cores $(CORES)
 
 # Debian's chromium opens the Snakemake report in the report test; installed when root with apt
 # (the SLURM test fixture installs its own Debian packages the same way), else those tests skip.
@@ -36,8 +38,10 @@ test: install system-deps
 dry-run: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake -n
 
+# every probe's benchmark (note's method vs probe: time, peak memory, ratio), then the per-probe
+# table; benchmarks/gpu.sh does the same at real geometry on a GPU
 bench: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python benchmarks/bench_foundation.py
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python benchmarks/run_all.py --mode cpu --markdown benchmarks/results-cpu.md
 
 clean:
 	rm -rf results .snakemake

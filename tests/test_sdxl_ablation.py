@@ -301,3 +301,91 @@ def test_explicit_group_missing_from_model_fails_the_shard(workdir, monkeypatch,
     with pytest.raises(ValueError, match=r"probes.sdxl_ablation.groups: down_blocks.0.attentions.0 is not"):
         run_shard(plan, "group-down_blocks.0.attentions.0__prompt-p0__seed-0", tmp_path)
     assert not list(tmp_path.rglob("*.h5"))
+
+
+# ------------------------------------------------------------------ batched ablation
+
+
+def test_batched_hook_equals_note_hook_per_sample_under_cfg(pipe):
+    """A batch of n samples x 2 guidance halves, each sample with its own keep-mask, equals the
+    note's zeroing hooks run on each sample alone (rows i and i + n form sample i)."""
+    from layerscope.probes.sdxl_ablation import ablate_cross_attention_batched
+
+    groups = fam.cross_attention_groups(pipe.unet)
+    targets = list(groups) + ["all", "none"]
+    n = len(targets)
+    zeroed = {t: [] if t == "all" else [g for g in groups if g != t] for t in targets}
+    x, ehs, acd = unet_inputs(pipe)  # 2 rows: one (uncond, cond) pair
+    rows = lambda t: torch.cat([t[:1].expand(n, *t.shape[1:]), t[1:].expand(n, *t.shape[1:])])  # noqa: E731
+    xb, eb = rows(x), rows(ehs)
+    ab = {k: rows(v) for k, v in acd.items()}
+    keep = {nm: [g not in zeroed[t] for t in targets] for g, names in groups.items() for nm in names}
+    zero_pooled = [t != "all" for t in targets]
+    records = [{} for _ in targets]
+    with ablate_cross_attention_batched(pipe.unet, keep, zero_pooled_text=zero_pooled, records=records):
+        out = unet_out(pipe, xb, eb, ab)
+    assert not pipe.unet._forward_pre_hooks and all(not m._forward_hooks for m in pipe.unet.modules())
+    outs = []
+    for i, t in enumerate(targets):
+        rec: dict = {}
+        with ablate_cross_attention(pipe.unet, [nm for g in zeroed[t] for nm in groups[g]],
+                                    zero_pooled_text=zero_pooled[i], record=rec):
+            ref = unet_out(pipe, x, ehs, acd)
+        outs.append(ref)
+        torch.testing.assert_close(out[[i, i + n]], ref, rtol=1e-5, atol=1e-6)
+        for nm in rec:
+            np.testing.assert_allclose(records[i][nm].max_abs, rec[nm].max_abs, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(records[i][nm].mean, rec[nm].mean, rtol=1e-4, atol=1e-7)
+            assert np.array_equal(records[i][nm].count, rec[nm].count)
+    assert not torch.allclose(outs[0], outs[1])  # the samples really differ: the masks matter
+
+
+def test_batched_shards_equal_one_at_a_time_images_tables_and_figures(workdir, monkeypatch, tmp_path):
+    """Same study, batch_groups false vs true: identical images (within one uint8 step), identical
+    merged tables (but the shard file column) and the same figures."""
+    import weakref
+
+    from PIL import Image
+
+    monkeypatch.chdir(workdir)
+    kw = dict(groups="auto", seeds=[3], prompts=PROMPTS[:1], pooled_text="zero", clip_model="clip_tiny", aux_models=["clip_tiny"])
+    one = Plan(config(**kw), workdir)
+    bat = Plan(config(batch_groups=True, batch_size=4, **kw), workdir)  # 6 images in runs of 4 + 2
+    assert [s for _, s in bat.shards("sdxl_ablation")] == ["group-batched__prompt-p0__seed-3"]
+    assert len(one.shards("sdxl_ablation")) == 6
+
+    # the pipeline is gone (not just unnamed) before the CLIP scorer loads
+    refs: list = []
+    real_load, real_clip = fam.load, clipfam.load
+    monkeypatch.setattr(fam, "load", lambda *a, **k: (refs.append(weakref.ref(p := real_load(*a, **k))), p)[1])
+
+    def clip_load(*a, **k):
+        assert refs and refs[-1]() is None, "SDXL pipeline still alive while CLIP loads"
+        return real_clip(*a, **k)
+
+    monkeypatch.setattr(clipfam, "load", clip_load)
+    pa = [run_shard(one, s, tmp_path / "one") for _, s in one.shards("sdxl_ablation")]
+    pb = [run_shard(bat, s, tmp_path / "bat") for _, s in bat.shards("sdxl_ablation")]
+    probe = get_probe("sdxl_ablation")
+    ta, tb = probe.merge([Shard(p) for p in pa]), probe.merge([Shard(p) for p in pb])
+    for (g, s), path in zip(((r.group, r.seed) for r in ta["images"].itertuples()), ta["images"]["png"]):
+        b = tb["images"][(tb["images"].group == g) & (tb["images"].seed == s)]["png"].iloc[0]
+        assert Path(b).name == Path(path).name
+        ia, ib = np.asarray(Image.open(path)).astype(int), np.asarray(Image.open(b)).astype(int)
+        assert np.abs(ia - ib).max() <= 1 and (ia != ib).mean() < 0.01, g
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(ta["scores"], tb["scores"], rtol=1e-3)
+    assert set(ta["scores"].group) == set(fam.cross_attention_groups_from_config(fam.TINY_ARCHS["default"]["unet"])) | set(CONTROLS)
+    pd.testing.assert_frame_equal(ta["images"].drop(columns=["shard", "png"]), tb["images"].drop(columns=["shard", "png"]))
+    assert (ta["scores"]["max_abs_zeroed_out"] == 0).all() and (tb["scores"]["max_abs_zeroed_out"] == 0).all()
+    probe.plot(ta, tmp_path / "fa")
+    probe.plot(tb, tmp_path / "fb")
+    for f in ("comparison_grid.png", "comparison_grid-sdxl_tiny-p0.png"):
+        fa, fb = (np.asarray(Image.open(tmp_path / d / f)).astype(int) for d in ("fa", "fb"))
+        assert fa.shape == fb.shape and np.abs(fa - fb).mean() < 0.5
+    # mixing the two layouts is refused, not double counted
+    from layerscope.h5io import ShardError
+
+    with pytest.raises(ShardError, match="duplicate"):
+        probe.merge([Shard(p) for p in pa + pb])

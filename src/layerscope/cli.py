@@ -339,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None and os.environ.get("LAYERSCOPE_FORKSERVER"):  # local runs: skip the heavy imports
+        from layerscope.forkserver import try_forward
+
+        rc = try_forward(sys.argv[1:])
+        if rc is not None:
+            return rc
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from layerscope.errors import LayerscopeError

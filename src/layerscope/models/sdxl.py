@@ -73,6 +73,9 @@ TINY_ARCHS: dict[str, dict[str, Any]] = {
                     norm_num_groups=4, layers_per_block=1, sample_size=32),
     },
 }
+# Same pipeline, two attention blocks per level: 6 attn2 groups (2 down, mid, 3 up), the smallest
+# layout at which batched ablation is benchmarked against the note's one-run-per-group loop.
+TINY_ARCHS["wide"] = {**TINY_ARCHS["default"], "unet": {**TINY_ARCHS["default"]["unet"], "layers_per_block": 2}}
 
 
 class GroupConfigError(ConfigError):

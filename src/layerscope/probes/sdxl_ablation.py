@@ -13,6 +13,16 @@ silent), and, when a CLIP scorer is configured, the image-prompt cosine.  The me
 SSIM of every image to the same (prompt, seed)'s ``all`` image (a distance needs both images, so it
 is a merge-time quantity), exports PNGs, and the plot draws comparison grids and score curves.
 
+Batched mode (``batch_groups: true``, a project option; the note runs one full generation per
+group, one after the other): every target group of a (prompt, seed) plus both controls is ONE
+batched denoising run, each batch element with its own ``attn2`` keep-mask
+(:func:`ablate_cross_attention_batched`; with classifier-free guidance the pipeline doubles the
+batch as ``[uncond..., cond...]``, so sample *i* is rows *i* and *i + n*).  Every sample draws its
+noise from its own generator seeded with the shard's seed, so it starts from the same latents as
+the one-at-a-time run.  The shard axis ``group`` then has the single label ``batched`` and one
+shard holds every image under ``image/<group>`` (same per-group attrs and stats).  The merge reads
+both layouts into the same rows: tables and figures are the same either way.
+
 Heavy imports (torch, diffusers, transformers, pandas, skimage, matplotlib) stay inside methods.
 """
 
@@ -33,9 +43,11 @@ if TYPE_CHECKING:
 
     from layerscope.h5io import Shard, ShardWriter
 
-__all__ = ["SdxlAblation", "ablate_cross_attention", "CONTROLS", "GROUP_RE", "prompt_labels"]
+__all__ = ["SdxlAblation", "ablate_cross_attention", "ablate_cross_attention_batched", "generate_batched", "CONTROLS", "BATCHED",
+           "GROUP_RE", "prompt_labels"]
 
 CONTROLS = ("all", "none")  # all: no hooks; none: every group zeroed
+BATCHED = "batched"  # group-axis label of a shard that holds every group of a (prompt, seed)
 GROUP_RE = re.compile(r"^(?:(?:down|up)_blocks\.\d+|mid_block)\.attentions\.\d+$")
 IMAGE_GROUP = "image"
 CLIP_GROUP = "scores/clip"
@@ -117,6 +129,120 @@ def ablate_cross_attention(
             h.remove()
 
 
+
+@contextmanager
+def ablate_cross_attention_batched(
+    unet: "torch.nn.Module",
+    keep: Mapping[str, Sequence[bool]],
+    *,
+    zero_pooled_text: Sequence[bool] | None = None,
+    records: list[dict[str, Any]] | None = None,
+) -> Iterator[None]:
+    """Per-sample version of :func:`ablate_cross_attention` for a batch of ``n`` images.
+
+    ``keep[name][i]`` says whether sample *i* keeps the output of ``attn2`` module ``name``;
+    a dropped output is replaced by exact zeros (``torch.where``, so a non-finite output cannot
+    leak through as NaN * 0).  The UNet sees ``k * n`` rows (``k = 2`` under classifier-free
+    guidance: the pipeline concatenates ``[uncond..., cond...]``), so row *r* belongs to sample
+    ``r % n``.  ``zero_pooled_text[i]`` zeroes sample *i*'s pooled text embedding.  With
+    ``records`` (one dict per sample), each ``attn2`` output as passed on is reduced per sample
+    over that sample's rows in the order a batch-1 run sees them.  Hooks are removed on exit.
+    """
+    import torch
+    from diffusers.models.attention_processor import Attention
+
+    from layerscope.stats import Moments
+
+    modules = dict(unet.named_modules())
+    missing = [n for n in keep if n not in modules]
+    if missing:
+        raise KeyError(f"UNet has no module {missing[0]}")
+    sizes = {len(v) for v in keep.values()} | ({len(zero_pooled_text)} if zero_pooled_text is not None else set())
+    sizes |= {len(records)} if records is not None else set()
+    if len(sizes) != 1:
+        raise ValueError(f"per-sample masks of different lengths: {sorted(sizes)}")
+    n = sizes.pop()
+    handles = []
+
+    def rows_mask(mask: Sequence[bool], rows: int, like: "torch.Tensor") -> "torch.Tensor":
+        if rows % n:
+            raise RuntimeError(f"attn2 batch of {rows} rows is not a multiple of the {n} ablation samples")
+        m = torch.tensor(list(mask), dtype=torch.bool, device=like.device).repeat(rows // n)
+        return m.view(rows, *([1] * (like.dim() - 1)))
+
+    def make_zero_hook(mask: Sequence[bool]):
+        def hook(module, args, output):  # noqa: ARG001
+            out = output[0] if isinstance(output, tuple) else output
+            masked = torch.where(rows_mask(mask, out.shape[0], out), out, torch.zeros((), dtype=out.dtype, device=out.device))
+            return (masked,) + tuple(output[1:]) if isinstance(output, tuple) else masked
+
+        return hook
+
+    def make_recorder(name: str):
+        def rec(module, args, output):  # noqa: ARG001
+            out = (output[0] if isinstance(output, tuple) else output).detach()
+            k = out.shape[0] // n
+            for i in range(n):
+                flat = out[i::n][:k].reshape(-1, out.shape[-1])  # rows i, i+n, ...: batch-1 row order
+                m = Moments.from_tensor(flat)
+                records[i][name] = records[i][name].merge(m) if name in records[i] else m
+
+        return rec
+
+    def pooled_pre_hook(module, args, kwargs):  # noqa: ARG001
+        acd = kwargs.get("added_cond_kwargs")
+        if acd and acd.get("text_embeds") is not None:
+            te = acd["text_embeds"]
+            kwargs = dict(kwargs)
+            drop = ~rows_mask([not z for z in zero_pooled_text], te.shape[0], te)
+            kwargs["added_cond_kwargs"] = {**acd, "text_embeds": torch.where(drop, torch.zeros((), dtype=te.dtype, device=te.device), te)}
+            return args, kwargs
+        return None
+
+    try:
+        for name, mask in keep.items():
+            if not all(mask):
+                handles.append(modules[name].register_forward_hook(make_zero_hook(list(mask))))
+        if zero_pooled_text is not None and any(zero_pooled_text):
+            handles.append(unet.register_forward_pre_hook(pooled_pre_hook, with_kwargs=True))
+        if records is not None:  # registered after the zeroing hooks: sees what is passed on
+            for name, m in modules.items():
+                if name.split(".")[-1] == "attn2" and isinstance(m, Attention):
+                    handles.append(m.register_forward_hook(make_recorder(name)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+
+def generate_batched(pipe: Any, prompt: str, seed: int, targets: Sequence[str], model_groups: Mapping[str, Sequence[str]],
+                     zero_pooled: Mapping[str, bool], call: Mapping[str, Any], *, batch_size: int = 0,
+                     records: Mapping[str, dict[str, Any]] | None = None) -> dict[str, "np.ndarray"]:
+    """Images of every target (a group name kept alone, ``all`` or ``none``) from batched runs.
+
+    At most ``batch_size`` images (0: all) share one denoising run; each starts from the noise of
+    its own CPU generator seeded with ``seed``, so it equals the batch-1 image of that target up to
+    float reassociation.  ``call`` holds the pipeline's other keyword arguments (steps, guidance,
+    size, ``output_type='np'``).  Returns float images in [0, 1], keyed by target."""
+    import numpy as np
+    import torch
+
+    chunk = batch_size or len(targets)
+    images: dict[str, np.ndarray] = {}
+    for lo in range(0, len(targets), chunk):
+        part = list(targets[lo: lo + chunk])
+        keep = {n: [t == "all" or g == t for t in part] for g, names in model_groups.items() for n in names}
+        gens = [torch.Generator("cpu").manual_seed(seed) for _ in part]
+        recs = [records[t] for t in part] if records is not None else None
+        with torch.no_grad(), ablate_cross_attention_batched(pipe.unet, keep, zero_pooled_text=[zero_pooled[t] for t in part],
+                                                             records=recs):
+            out = pipe(prompt=prompt, num_images_per_prompt=len(part), generator=gens, **call)
+        for t, im in zip(part, out.images):
+            images[t] = np.asarray(im, dtype=np.float64)
+    return images
+
+
 class SdxlAblation(Probe):
     """Cross-attention group ablation for Stable Diffusion UNets (SDXL, SD 1.x/2.x)."""
 
@@ -156,8 +282,10 @@ class SdxlAblation(Probe):
 
     def axis_values(self, probe_cfg: Mapping[str, Any], model: str, model_cfg: Mapping[str, Any]) -> dict[str, list[str]]:
         prompts = probe_cfg.get("prompts") or []
+        groups = self.target_groups(probe_cfg, {"name": model, **model_cfg}) + list(CONTROLS)
         return {
-            "group": self.target_groups(probe_cfg, {"name": model, **model_cfg}) + list(CONTROLS),
+            # batch_groups: one shard (one batched generation) per (prompt, seed) covers every group
+            "group": [BATCHED] if probe_cfg.get("batch_groups", False) else groups,
             "prompt": prompt_labels(prompts),
             "seed": [str(int(s)) for s in probe_cfg.get("seeds", [])],
         }
@@ -198,6 +326,8 @@ class SdxlAblation(Probe):
 
     # ---------------------------------------------------------------- shard
     def run_shard(self, spec: ShardSpec, writer: "ShardWriter") -> None:
+        import gc
+
         import numpy as np
         import torch
 
@@ -216,6 +346,10 @@ class SdxlAblation(Probe):
             raise ValueError(f"prompt label {label!r} not in probes.sdxl_ablation.prompts ({len(prompts)} prompts)")
         prompt = prompts[labels.index(label)]
         seed = int(spec.axes["seed"])
+        batched = target == BATCHED
+        if batched != bool(cfg.get("batch_groups", False)):
+            raise ValueError(f"shard group {target!r} does not match probes.sdxl_ablation.batch_groups "
+                             f"({bool(cfg.get('batch_groups', False))}): stale plan, rerun")
 
         pipe = fam.load({"name": spec.model, **spec.model_cfg}, device, dtype)
         model_groups = fam.cross_attention_groups(pipe.unet)
@@ -227,54 +361,71 @@ class SdxlAblation(Probe):
         if unknown:
             raise ValueError(f"probes.sdxl_ablation.groups: {unknown[0]} is not a cross-attention group of {spec.model}; "
                              f"it has {', '.join(model_groups)}")
-        if target not in model_groups and target not in CONTROLS:
+        if not batched and target not in model_groups and target not in CONTROLS:
             raise ValueError(f"probes.sdxl_ablation.groups: {target} is not a cross-attention group of {spec.model}; "
                              f"it has {', '.join(model_groups)}")
-        zeroed = [] if target == "all" else [g for g in model_groups if g != target]
-        zero_modules = [n for g in zeroed for n in model_groups[g]]
+        targets = planned + list(CONTROLS) if batched else [target]
         has_pooled = getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
         pooled_mode = str(cfg.get("pooled_text", "keep"))
-        zero_pooled = has_pooled and pooled_mode == "zero" and target != "all"
+        zeroed = {t: ([] if t == "all" else [g for g in model_groups if g != t]) for t in targets}
+        zero_pooled = {t: has_pooled and pooled_mode == "zero" and t != "all" for t in targets}
         height = int(cfg.get("height") or 0) or None
         width = int(cfg.get("width") or 0) or None
+        call = dict(negative_prompt=cfg.get("negative_prompt") or None, num_inference_steps=int(cfg.get("steps", 2)),
+                    guidance_scale=float(cfg.get("guidance_scale", 5.0)), height=height, width=width, output_type="np")
 
-        record: dict[str, Any] = {}
-        gen = torch.Generator("cpu").manual_seed(seed)  # CPU noise: identical latents on any device
+        images: dict[str, np.ndarray] = {}
+        records: dict[str, dict[str, Any]] = {t: {} for t in targets}
         from layerscope.progress import current as progress
 
-        prog = progress(int(cfg.get("steps", 2)), "denoising steps")
+        prog = progress(len(targets) * int(cfg.get("steps", 2)), "denoising steps")
 
         def on_step(_pipe: Any, _i: int, _t: Any, kw: dict[str, Any]) -> dict[str, Any]:
             prog.update(1)
             return kw
 
-        with torch.no_grad(), ablate_cross_attention(pipe.unet, zero_modules, zero_pooled_text=zero_pooled, record=record):
-            out = pipe(prompt=prompt, negative_prompt=cfg.get("negative_prompt") or None,
-                       num_inference_steps=int(cfg.get("steps", 2)), guidance_scale=float(cfg.get("guidance_scale", 5.0)),
-                       height=height, width=width, generator=gen, output_type="np",
-                       callback_on_step_end=on_step)
-        img = np.asarray(out.images[0], dtype=np.float64)
-        bad = int((~np.isfinite(img)).sum())
-        if bad:
-            raise RuntimeError(f"{spec.model} group {target} prompt {label} seed {seed}: the pipeline produced {bad} "
-                               f"non-finite pixel values (the SDXL VAE overflows in fp16: use dtype fp32/bf16)")
-        rgb = (img * 255).round().clip(0, 255).astype(np.uint8)  # diffusers' numpy_to_pil rounding
+        if not batched:  # the note's way: hooks that zero every other group, one generation
+            zero_modules = [n for g in zeroed[target] for n in model_groups[g]]
+            gen = torch.Generator("cpu").manual_seed(seed)  # CPU noise: identical latents on any device
+            with torch.no_grad(), ablate_cross_attention(pipe.unet, zero_modules, zero_pooled_text=zero_pooled[target],
+                                                         record=records[target]):
+                out = pipe(prompt=prompt, generator=gen, callback_on_step_end=on_step, **call)
+            images[target] = np.asarray(out.images[0], dtype=np.float64)
+        else:
+            images = generate_batched(pipe, prompt, seed, targets, model_groups, zero_pooled, call,
+                                      batch_size=int(cfg.get("batch_size", 0) or 0), records=records)
+            prog.update(len(targets) * int(cfg.get("steps", 2)))
+            out = None
+        del pipe, out
+        gc.collect()  # diffusers pipelines hold reference cycles: free it before the CLIP scorer loads
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
-        writer.write(IMAGE_GROUP, {"rgb": rgb}, attrs={
-            "prompt": prompt, "prompt_label": label, "seed": seed, "group": target,
-            "height": int(rgb.shape[0]), "width": int(rgb.shape[1])}, compress=True)
-        for g, names in model_groups.items():
-            for n in names:
-                if n in record:
-                    writer.write(f"stats/{n}.hook_out", record[n].to_dict(), attrs={"group": g, "zeroed": g in zeroed})
-        missing = [n for names in model_groups.values() for n in names if n not in record]
-        if missing:
-            raise RuntimeError(f"attn2 module {missing[0]} never ran during generation")
-        writer.set_attr("ablation", {
-            "target": target, "model_groups": list(model_groups), "zeroed_groups": zeroed,
-            "pooled_text": ("zero" if zero_pooled else "keep") if has_pooled else "absent",
-            "prompt": prompt, "seed": seed,
-        })
+        rgbs: dict[str, np.ndarray] = {}
+        for t in targets:
+            img = images[t]
+            bad = int((~np.isfinite(img)).sum())
+            if bad:
+                raise RuntimeError(f"{spec.model} group {t} prompt {label} seed {seed}: the pipeline produced {bad} "
+                                   f"non-finite pixel values (the SDXL VAE overflows in fp16: use dtype fp32/bf16)")
+            rgbs[t] = (img * 255).round().clip(0, 255).astype(np.uint8)  # diffusers' numpy_to_pil rounding
+            missing = [n for names in model_groups.values() for n in names if n not in records[t]]
+            if missing:
+                raise RuntimeError(f"attn2 module {missing[0]} never ran during generation")
+
+        per_image = {t: {"target": t, "model_groups": list(model_groups), "zeroed_groups": zeroed[t],
+                         "pooled_text": ("zero" if zero_pooled[t] else "keep") if has_pooled else "absent",
+                         "prompt": prompt, "seed": seed} for t in targets}
+        for t in targets:
+            sub = f"/{t}" if batched else ""
+            rgb = rgbs[t]
+            writer.write(IMAGE_GROUP + sub, {"rgb": rgb}, attrs={
+                "prompt": prompt, "prompt_label": label, "seed": seed, "group": t,
+                "height": int(rgb.shape[0]), "width": int(rgb.shape[1])}, compress=True)
+            for g, names in model_groups.items():
+                for n in names:
+                    writer.write(f"stats{sub}/{n}.hook_out", records[t][n].to_dict(), attrs={"group": g, "zeroed": g in zeroed[t]})
+        writer.set_attr("ablation", {"batched": True, "targets": targets, "images": per_image} if batched else per_image[target])
 
         clip_name = cfg.get("clip_model")
         if clip_name:
@@ -282,10 +433,11 @@ class SdxlAblation(Probe):
 
             if clip_name not in spec.models:
                 raise ValueError(f"probes.sdxl_ablation.clip_model '{clip_name}' is not in the shard's models (list it in aux_models)")
-            del pipe
             model, proc = clipfam.load({"name": clip_name, **spec.models[clip_name]}, device, torch.float32)
-            cos = clipfam.image_text_cosine(model, proc, [rgb], [prompt])
-            writer.write(CLIP_GROUP, {"cosine": np.asarray(cos[0], dtype=np.float64)}, attrs={"clip_model": clip_name})
+            cos = clipfam.image_text_cosine(model, proc, [rgbs[t] for t in targets], [prompt] * len(targets))
+            for t, c in zip(targets, cos):
+                writer.write(CLIP_GROUP + (f"/{t}" if batched else ""), {"cosine": np.asarray(c, dtype=np.float64)},
+                             attrs={"clip_model": clip_name})
 
     # ---------------------------------------------------------------- merge
     def merge(self, shards: list["Shard"]) -> dict[str, "pd.DataFrame"]:
@@ -300,6 +452,7 @@ class SdxlAblation(Probe):
         from skimage.metrics import structural_similarity
 
         from layerscope.h5io import ShardError
+        from layerscope.plan import shard_label
 
         if not shards:
             raise ShardError("sdxl_ablation merge: no shards")
@@ -311,29 +464,37 @@ class SdxlAblation(Probe):
                 raise ShardError(f"{sh.path}: shard of probe {sh.probe!r}, expected {self.name!r}")
             ax = sh.axes
             abl = sh.json_attr("ablation")
-            if IMAGE_GROUP not in sh.groups:
-                raise ShardError(f"{sh.path}: no image")
-            rgb = sh.groups[IMAGE_GROUP]["rgb"]
-            key = (sh.model, ax["prompt"], ax["group"], int(ax["seed"]))
-            if key in images:
-                raise ShardError(f"{sh.path}: duplicate shard for {key}")
-            prev = texts.setdefault((sh.model, ax["prompt"]), abl["prompt"])
-            if prev != abl["prompt"]:
-                raise ShardError(f"{sh.path}: prompt {ax['prompt']} is {abl['prompt']!r} here but {prev!r} in another shard (stale shards: rerun)")
-            images[key] = rgb
-            zeroed_max = [float(sh.groups[g]["max_abs"].max()) for g in sh.subgroups("stats")
-                          if sh.group_attrs.get(g, {}).get("zeroed")]
-            kept_max = [float(sh.groups[g]["max_abs"].max()) for g in sh.subgroups("stats")
-                        if not sh.group_attrs.get(g, {}).get("zeroed")]
-            row = {"model": sh.model, "group": ax["group"], "prompt": ax["prompt"], "prompt_text": abl["prompt"],
-                   "seed": int(ax["seed"]), "pooled_text": abl["pooled_text"],
-                   "n_groups": len(abl["model_groups"]), "n_zeroed": len(abl["zeroed_groups"]),
-                   "max_abs_zeroed_out": max(zeroed_max) if zeroed_max else 0.0,
-                   "max_abs_kept_out": max(kept_max) if kept_max else 0.0,
-                   "order": (abl["model_groups"] + list(CONTROLS)).index(ax["group"]), "shard": str(sh.path)}
-            if CLIP_GROUP in sh.groups:
-                row["clip_cosine"] = float(sh.groups[CLIP_GROUP]["cosine"])
-            rows.append(row)
+            if ax["group"] == BATCHED:  # one shard, every group of the (prompt, seed): image/<group>
+                if not (isinstance(abl, dict) and abl.get("batched")):
+                    raise ShardError(f"{sh.path}: group 'batched' but the shard holds no batched ablation")
+                items = [(t, abl["images"][t], f"{IMAGE_GROUP}/{t}", f"stats/{t}/", f"{CLIP_GROUP}/{t}") for t in abl["targets"]]
+            else:
+                items = [(ax["group"], abl, IMAGE_GROUP, "stats/", CLIP_GROUP)]
+            for group, ab, img_path, stats_prefix, clip_path in items:
+                if img_path not in sh.groups:
+                    raise ShardError(f"{sh.path}: no image for group {group}")
+                rgb = sh.groups[img_path]["rgb"]
+                key = (sh.model, ax["prompt"], group, int(ax["seed"]))
+                if key in images:
+                    raise ShardError(f"{sh.path}: duplicate image for {key} (batched and one-group shards mixed? rerun)")
+                prev = texts.setdefault((sh.model, ax["prompt"]), ab["prompt"])
+                if prev != ab["prompt"]:
+                    raise ShardError(f"{sh.path}: prompt {ax['prompt']} is {ab['prompt']!r} here but {prev!r} in another shard (stale shards: rerun)")
+                images[key] = rgb
+                stats = [g for g in sh.subgroups("stats") if g.startswith(stats_prefix) and "/" not in g[len(stats_prefix):]]
+                zeroed_max = [float(sh.groups[g]["max_abs"].max()) for g in stats if sh.group_attrs.get(g, {}).get("zeroed")]
+                kept_max = [float(sh.groups[g]["max_abs"].max()) for g in stats if not sh.group_attrs.get(g, {}).get("zeroed")]
+                label = shard_label({"group": group, "prompt": ax["prompt"], "seed": ax["seed"]})
+                row = {"model": sh.model, "group": group, "prompt": ax["prompt"], "prompt_text": ab["prompt"],
+                       "seed": int(ax["seed"]), "pooled_text": ab["pooled_text"],
+                       "n_groups": len(ab["model_groups"]), "n_zeroed": len(ab["zeroed_groups"]),
+                       "max_abs_zeroed_out": max(zeroed_max) if zeroed_max else 0.0,
+                       "max_abs_kept_out": max(kept_max) if kept_max else 0.0,
+                       "order": (ab["model_groups"] + list(CONTROLS)).index(group), "shard": str(sh.path),
+                       "png_name": label + ".png"}
+                if clip_path in sh.groups:
+                    row["clip_cosine"] = float(sh.groups[clip_path]["cosine"])
+                rows.append(row)
         n_clip = sum("clip_cosine" in r for r in rows)
         if 0 < n_clip < len(rows):
             raise ShardError("sdxl_ablation merge: some shards have a CLIP score and some do not (clip_model changed? rerun)")
@@ -349,13 +510,13 @@ class SdxlAblation(Probe):
 
         img_rows = []
         for r in scores.itertuples():
-            path = Path(r.shard)
-            png = path.parent.parent.parent / "images" / path.parent.name / (path.stem + ".png")
+            path = Path(r.shard)  # PNGs are named by (group, prompt, seed), whichever shard holds them
+            png = path.parent.parent.parent / "images" / path.parent.name / r.png_name
             png.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(images[(r.model, r.prompt, r.group, r.seed)]).save(png)
             img_rows.append({"model": r.model, "group": r.group, "prompt": r.prompt, "prompt_text": r.prompt_text,
                              "seed": r.seed, "order": r.order, "shard": str(path), "png": str(png)})
-        scores = scores.drop(columns=["shard"])
+        scores = scores.drop(columns=["shard", "png_name"])
         return {"scores": scores, "images": pd.DataFrame(img_rows)}
 
     # ---------------------------------------------------------------- plot
