@@ -97,6 +97,12 @@ def hub_models(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         src = str(m.get("source", ""))
         if src.startswith("hub:"):
             out[f"models.{name}.source"] = {**m, "name": name, "hub_id": src[4:]}
+        for key in ("checkpoint", "lora_payload"):
+            ref = m.get(key)
+            if isinstance(ref, str) and ref.startswith("hub:"):
+                repo_id, filename = split_file_ref(ref, f"models.{name}.{key}")
+                out[f"models.{name}.{key}"] = {"family": "file", "name": name, "hub_id": repo_id, "filename": filename,
+                                               "revision": None}
         te = m.get("text_encoder")
         if isinstance(te, str) and te.startswith("hub:"):
             out[f"models.{name}.text_encoder"] = {"family": "text_encoder", "name": name, "hub_id": te[4:],
@@ -123,6 +129,10 @@ def check_cached(field: str, model_cfg: Mapping[str, Any]) -> str | None:
     at = f"@{rev}" if rev else ""
     if snap is None:
         return f"{field}: {hub_id}{at} is not in the hub cache {hub_cache_dir()}"
+    if model_cfg.get("family") == "file":
+        if not (snap / model_cfg["filename"]).is_file():
+            return f"{field}: {model_cfg['filename']} of {hub_id}{at} is not in the hub cache {hub_cache_dir()}"
+        return None
     marker = "config.json" if model_cfg.get("family") == "text_encoder" else marker_file(model_cfg)
     if model_cfg.get("family") == "text_encoder":
         ok = (snap / "config.json").is_file() or (snap / "text_encoder" / "config.json").is_file()
@@ -159,22 +169,48 @@ def local_snapshot(hub_id: str, revision: str | None, field: str, allow: list[st
                              f"{hub_cache_dir()} ({type(e).__name__}); run `layerscope fetch <config>` on a login node") from None
 
 
+def split_file_ref(ref: str, field: str) -> tuple[str, str]:
+    """``hub:<org>/<repo>/<path in repo>`` -> (repo id, path): a single file of a hub repository,
+    e.g. ``hub:gdhe17/Self-Forcing/checkpoints/self_forcing_dmd.pt``."""
+    parts = ref[4:].split("/")
+    if len(parts) < 3 or not all(parts):
+        raise ConfigError(f"config field {field}: '{ref}' must be hub:<org>/<repo>/<file path>")
+    return "/".join(parts[:2]), "/".join(parts[2:])
+
+
+def local_file(ref: str, field: str) -> str:
+    """A weight-file setting as a local path: ``hub:<org>/<repo>/<file>`` from the cache (no network), else as given."""
+    if not ref.startswith("hub:"):
+        return ref
+    repo_id, filename = split_file_ref(ref, field)
+    return str(Path(local_snapshot(repo_id, None, field, allow=[filename])) / filename)
+
+
 def fetch_models(config: Mapping[str, Any], dry_run: bool = False, log: Any = print) -> list[str]:
-    """Download every hub model of the study (login node). Returns the fields fetched."""
-    done = []
+    """Download every hub model of the study (login node), each repository once with the union of
+    the files its uses need. Returns the fields fetched."""
+    merged: dict[tuple[str, str | None], tuple[list[str], list[str], list[str]]] = {}
     for field, m in hub_models(config).items():
-        if m.get("family") == "text_encoder":
+        if m.get("family") == "file":
+            allow, ignore = [m["filename"]], []
+        elif m.get("family") == "text_encoder":
             allow = ["config.json", "*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.txt",
                      "text_encoder/*", "tokenizer/*"]
             ignore = IGNORE
         else:
             allow, ignore = allow_patterns(m), ignore_patterns(m)
-        rev = m.get("revision")
-        log(f"{field}: {m['hub_id']}{'@' + rev if rev else ''} <- {', '.join(allow)}")
+        key = (m["hub_id"], m.get("revision"))
+        fields, a, ig = merged.setdefault(key, ([], [], list(ignore)))
+        fields.append(field)
+        a.extend(x for x in allow if x not in a)
+        ig[:] = [x for x in ig if x in ignore]  # a pattern is ignored only if every use ignores it
+    done = []
+    for (hub_id, rev), (fields, allow, ignore) in merged.items():
+        log(f"{hub_id}{'@' + rev if rev else ''} ({', '.join(fields)}) <- {', '.join(allow)}")
         if not dry_run:
             from huggingface_hub import snapshot_download
 
-            snapshot_download(m["hub_id"], revision=rev, cache_dir=str(hub_cache_dir()), allow_patterns=allow,
-                              ignore_patterns=ignore)
-        done.append(field)
+            snapshot_download(hub_id, revision=rev, cache_dir=str(hub_cache_dir()), allow_patterns=allow,
+                              ignore_patterns=ignore or None)
+        done += fields
     return done

@@ -121,6 +121,9 @@ class Plan:
         self._shards: dict[str, list[tuple[str, str]]] = {}
         for name, mcfg in config.get("models", {}).items():
             self._models[name] = self._resolve_model(name, mcfg)
+        from layerscope.hub import check_all_cached
+
+        check_all_cached(config)  # every missing hub model of the enabled probes named at once, before any job
         for pname, pcfg in config.get("probes", {}).items():
             if pname not in PROBES:
                 raise ConfigError(f"config field probes.{pname}: unknown probe; known: {', '.join(sorted(PROBES))}")
@@ -130,9 +133,6 @@ class Plan:
             self._probes[pname] = probe
             probe.check_config(pcfg, config)
             self._plan_probe(pname, probe, pcfg)
-        from layerscope.hub import check_all_cached
-
-        check_all_cached(config)  # every missing hub model named at once, before any job
 
     # ---- models and datasets ----
     def _on_disk(self, value: str) -> tuple[Path, Path]:
@@ -165,6 +165,8 @@ class Plan:
 
         check_weight_keys(name, mcfg)  # a weight key the family does not read is an error, not ignored
         for key in ("lora", "checkpoint", "lora_payload"):  # extra weight files: checked now, shard inputs later
+            if key != "lora" and str(mcfg.get(key) or "").startswith("hub:"):
+                continue  # a file of a hub repository: checked in the cache with the hub models
             if mcfg.get(key):
                 out[key] = self._check_path(f"models.{name}.{key}", str(mcfg[key]))
         if mcfg.get("lora"):
@@ -307,7 +309,7 @@ class Plan:
     def model_inputs(self, name: str) -> list[str]:
         m = self._models[name]
         out = [m["path"]] if m["kind"] in ("tiny", "path") else []
-        out += [m[k] for k in ("lora", "checkpoint", "lora_payload") if m.get(k)]
+        out += [m[k] for k in ("lora", "checkpoint", "lora_payload") if m.get(k) and not str(m[k]).startswith("hub:")]
         return out
 
     def shard_inputs(self, probe: str, model: str) -> list[str]:

@@ -70,7 +70,10 @@ def load(model_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype)
     if ckpt:
         with loading("the DINOv3 config", src, config_field(model_cfg)):
             model = DINOv3ViTModel(DINOv3ViTConfig.from_pretrained(src))
-        load_official_checkpoint(model, ckpt, config_field(model_cfg, "checkpoint"))
+        from layerscope.hub import local_file
+
+        load_official_checkpoint(model, local_file(str(ckpt), config_field(model_cfg, "checkpoint")),
+                                 config_field(model_cfg, "checkpoint"))
         model = model.to(dtype)
     else:
         with loading("DINOv3 weights", src, config_field(model_cfg)):
@@ -84,7 +87,10 @@ def load(model_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype)
         with loading("the LoRA adapter", lora, config_field(model_cfg, "lora")):
             model = PeftModel.from_pretrained(model, str(lora)).merge_and_unload()
     if model_cfg.get("lora_payload"):
-        model = apply_lora_payload(model, model_cfg["lora_payload"], config_field(model_cfg, "lora_payload"))
+        from layerscope.hub import local_file
+
+        field = config_field(model_cfg, "lora_payload")
+        model = apply_lora_payload(model, local_file(str(model_cfg["lora_payload"]), field), field)
     return model.to(device).eval()
 
 

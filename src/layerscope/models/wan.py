@@ -155,6 +155,9 @@ def load(model_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype)
     used = None
     if ckpt:
         use_ema = model_cfg.get("use_ema")
+        from layerscope.hub import local_file
+
+        ckpt = local_file(str(ckpt), config_field(model_cfg, "checkpoint"))
         used = load_self_forcing_checkpoint(transformer, ckpt, use_ema=None if use_ema is None else bool(use_ema),
                                             field=config_field(model_cfg, "checkpoint"))
         transformer.to(dtype)
