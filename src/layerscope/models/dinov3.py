@@ -171,6 +171,8 @@ def convert_hf_to_official(sd: Mapping[str, torch.Tensor], hidden_size: int) -> 
     out: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, val in sd.items():
+        if key.startswith("layer."):  # the on-disk safetensors names drop the 'model.' of the module tree
+            key = "model." + key
         m = re.fullmatch(r"model\.layer\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)", key)
         if m:
             layers.setdefault(m.group(1), {})[f"{m.group(2)}.{m.group(3)}"] = val
@@ -196,6 +198,8 @@ def convert_hf_to_official(sd: Mapping[str, torch.Tensor], hidden_size: int) -> 
 
 def _hf_to_official_name(key: str, sd: Mapping[str, torch.Tensor]) -> str | None:
     gated = any(".mlp.gate_proj." in k for k in sd)
+    if key.startswith("layer."):
+        key = "model." + key
     fixed = {"embeddings.cls_token": "cls_token", "embeddings.mask_token": "mask_token",
              "embeddings.register_tokens": "storage_tokens"}
     if key in fixed:
