@@ -173,3 +173,28 @@ def test_wan_1_3b_geometry_with_self_forcing_pt(tmp_path):
         np.testing.assert_array_equal(t[num].to_numpy(), tabs["sf"][key][num].to_numpy(), err_msg=key)
     frames = tabs["base"][next(iter(tabs["base"]))]
     assert len(frames) > 0
+
+
+def test_memory_estimate_parameter_counts(tmp_path):
+    """Parameter counts for the estimate: exact from safetensors headers (vs torch's numel), and the
+    config.json formulas within 1% of the real architectures' counts (ViT-L/16 303 M, Wan 1.3B 1.42 B)."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    from layerscope import estimate
+
+    folder = rg.build_dinov3(rg.DINOV3_VITL16, 1, tmp_path / "d")
+    n = sum(p.numel() for p in DINOv3ViTModel.from_pretrained(folder).parameters())
+    assert estimate.safetensors_params(folder / "model.safetensors") == n
+    with torch.device("meta"):
+        full = sum(p.numel() for p in DINOv3ViTModel(DINOv3ViTConfig(**rg.DINOV3_VITL16)).parameters())
+        hplus = sum(p.numel() for p in DINOv3ViTModel(DINOv3ViTConfig(**rg.DINOV3_VITH16PLUS)).parameters())
+    assert abs(estimate._dinov3_params(rg.DINOV3_VITL16) / full - 1) < 0.01
+    assert abs(estimate._dinov3_params(rg.DINOV3_VITH16PLUS) / hplus - 1) < 0.01
+    assert 300e6 < full < 306e6 and 835e6 < hplus < 845e6  # the notes' 303 M and 841 M
+    from diffusers import WanTransformer3DModel
+
+    c = dict(rg.WAN_1_3B_TRANSFORMER, patch_size=(1, 2, 2))
+    with torch.device("meta"):
+        wan_n = sum(p.numel() for p in WanTransformer3DModel(**c).parameters())
+    assert abs(estimate._wan_params(rg.WAN_1_3B_TRANSFORMER) / wan_n - 1) < 0.01
+    assert 1.40e9 < wan_n < 1.44e9

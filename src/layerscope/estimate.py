@@ -60,7 +60,9 @@ def _dinov3_params(c: Mapping[str, Any]) -> int:
 
 def _wan_params(c: Mapping[str, Any]) -> int:
     D = c["num_attention_heads"] * c["attention_head_dim"]
-    return c["num_layers"] * (8 * D * D + 2 * D * c["ffn_dim"] + 6 * D) + c["text_dim"] * D + D * D + 16 * 4 * D
+    # blocks (self + cross attention, FFN) + text embedder + time embedder + time projection to 6 modulations
+    return (c["num_layers"] * (8 * D * D + 2 * D * c["ffn_dim"] + 6 * D) + c["text_dim"] * D + D * D
+            + c.get("freq_dim", 256) * D + D * D + 6 * D * D + 16 * 4 * D)
 
 
 def _sd3_params(c: Mapping[str, Any]) -> int:
@@ -85,6 +87,11 @@ def folder_params(folder: str | Path, family: str, components: tuple[str, ...] =
                 n = None
         out[comp or family] = n
     return out
+
+
+def _unknown(parts: Mapping[str, int | None]) -> str:
+    missing = [k for k, v in parts.items() if v is None]
+    return f"weights of {', '.join(missing)} unknown (not on disk), not counted; " if missing else ""
 
 
 def _folder_of(mcfg: Mapping[str, Any], workdir: Path) -> Path | None:
@@ -148,6 +155,7 @@ def estimate_probe(probe: str, pcfg: Mapping[str, Any], mcfg: Mapping[str, Any],
         T = 1 + c.get("num_register_tokens", 0) + (S // p) ** 2
         act = (L + 1) * B * T * D * b + B * H * T * T * b
         weights = (n or 0) * b
+        note = _unknown({"dinov3": n})
     elif probe == "wan_logits":
         parts = folder_params(folder, "wan", ("transformer", "text_encoder"))
         c = _config(folder / "transformer")
@@ -159,10 +167,13 @@ def estimate_probe(probe: str, pcfg: Mapping[str, Any], mcfg: Mapping[str, Any],
         heads, qc = c.get("num_attention_heads", 1), int(pcfg.get("query_chunk", 1024))
         act = 2 * L * F * tpf * D * b + 12 * nb * tpf * D * b + heads * qc * F * tpf * 4 * 3
         weights = (parts["transformer"] or 0) * b
+        note = _unknown({"transformer": parts["transformer"]})
         if pcfg.get("text", "umt5") == "umt5":
             te = parts["text_encoder"]
             if mcfg.get("text_encoder"):
-                note = "text encoder from models.*.text_encoder not counted; "
+                note += "text encoder from models.*.text_encoder not counted; "
+            elif te is None:
+                note += _unknown({"text_encoder": te})
             weights += (te or 0) * b
             note += "UMT5 is freed after encoding (peak while encoding)"
     elif probe in ("sd3_textgrad", "sd3_recon_train"):
@@ -176,19 +187,22 @@ def estimate_probe(probe: str, pcfg: Mapping[str, Any], mcfg: Mapping[str, Any],
         B = int(pcfg.get("batch_size", 4 if probe == "sd3_textgrad" else 2))
         act = 24 * L * B * N * D * b
         weights = sum(v or 0 for v in parts.values()) * b
-        if probe == "sd3_recon_train":
+        note = _unknown(parts)
+        if probe == "sd3_recon_train":  # training keeps fp32 master weights whatever the inference dtype
+            weights = sum(v or 0 for v in parts.values()) * 4
             act *= 2
             if pcfg.get("mode", "full") == "full":
-                weights += 16 * (parts["transformer"] or 0)
-                note = "full fine-tuning: fp32 master weights + grads + AdamW"
+                weights += 12 * (parts["transformer"] or 0)
+                note += "full fine-tuning: fp32 weights + grads + AdamW moments"
             else:
-                note = "LoRA"
+                note += "LoRA, fp32 master weights"
     elif probe == "sdxl_ablation":
         parts = folder_params(folder, "sdxl", ("unet", "vae", "text_encoder", "text_encoder_2"))
         H = int(pcfg.get("height") or 1024)
         W = int(pcfg.get("width") or 1024)
         act = 2 * 60 * (H // 8) * (W // 8) * 1280 * b
         weights = sum(v or 0 for v in parts.values()) * b
+        note = _unknown(parts)
     else:
         return {"weights_gb": None, "activations_gb": None, "peak_gb": None, "dtype": dt, "note": "no formula"}
     return {"weights_gb": weights / GiB, "activations_gb": act / GiB, "peak_gb": (weights + act) / GiB, "dtype": dt,
@@ -208,6 +222,6 @@ def format_estimates(plan: Any) -> str:
                 gpu_mb = pcfg.get("resources", {}).get("mem_mb")
                 lines.append(f"  {pname} / {m}: ~{e['peak_gb']:.1f} GB peak per shard in {e['dtype']} "
                              f"(weights {e['weights_gb']:.1f} GB + activations {e['activations_gb']:.1f} GB)"
-                             + (f"; {e['note']}" if e["note"] else "")
+                             + (f"; {e['note'].rstrip('; ')}" if e["note"] else "")
                              + (f"; resources.mem_mb {gpu_mb}" if gpu_mb else ""))
     return "\n".join(lines)
