@@ -51,6 +51,9 @@ def _inject_fault(out: Path) -> None:
 
 
 def cmd_run_shard(args: argparse.Namespace) -> None:
+    # Shard jobs never use the network: hub models come from the local cache (`layerscope fetch`).
+    # Set before huggingface_hub is imported (it reads this once); an explicit setting wins.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from layerscope.data import index_digest
     from layerscope.errors import ConfigError
     from layerscope.h5io import ShardWriter
