@@ -69,7 +69,13 @@ def load(model_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype)
     ckpt = model_cfg.get("checkpoint")
     if ckpt:
         with loading("the DINOv3 config", src, config_field(model_cfg)):
-            model = DINOv3ViTModel(DINOv3ViTConfig.from_pretrained(src))
+            config = DINOv3ViTConfig.from_pretrained(src)
+        try:  # skip the random init of weights the strict load below overwrites (minutes for the 7B)
+            from transformers.initialization import no_init_weights
+        except ImportError:  # pragma: no cover - other transformers versions
+            from contextlib import nullcontext as no_init_weights
+        with no_init_weights():
+            model = DINOv3ViTModel(config)
         from layerscope.hub import local_file
 
         load_official_checkpoint(model, local_file(str(ckpt), config_field(model_cfg, "checkpoint")),
