@@ -138,9 +138,9 @@ def test_dinov3_vitl16_geometry_hub_folder_and_official_pth(tmp_path, photos_ind
         sh = _run(DinoV3Channels(), spec, tmp_path / name / "slice-0of1.h5")
         tables[name] = DinoV3Channels().merge(load_shards([sh], "dinov3_channels", name))["channels"]
     t = tables["hub"]
-    assert set(t["channel"]) == set(range(1024)) if "channel" in t else len(t) % 1024 == 0
-    patch = t[t["role"] == "patch"] if "role" in t else t
-    assert set(patch["count"]) == {2 * 196}
+    assert set(t["channel"]) == set(range(1024)) and len(t) == 1 * 3 * 2 * 1024  # layers x reps x roles x channels
+    assert set(t[t["role"] == "patch"]["count"]) == {2 * 196}  # 224 px / patch 16 = 14 x 14 tokens per image
+    assert set(t[t["role"] == "cls"]["count"]) == {2}
     for col in ("mean", "std", "max_abs"):
         np.testing.assert_array_equal(tables["hub"][col].to_numpy(), tables["pth"][col].to_numpy())
 
