@@ -198,3 +198,18 @@ def test_memory_estimate_parameter_counts(tmp_path):
         wan_n = sum(p.numel() for p in WanTransformer3DModel(**c).parameters())
     assert abs(estimate._wan_params(rg.WAN_1_3B_TRANSFORMER) / wan_n - 1) < 0.01
     assert 1.40e9 < wan_n < 1.44e9
+
+
+def test_fetch_failure_is_one_line_naming_the_fields(repo, monkeypatch, tmp_path, capsys):
+    import huggingface_hub
+
+    from layerscope.cli import main
+
+    def gated(repo_id, **kw):
+        raise RuntimeError(f"Access to model {repo_id} is restricted.\nYou must have access to it: gated repo")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    assert main(["fetch", str(repo / "config.real.yaml")]) == 4
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "models.dinov3_vitl16.source" in err and "huggingface-cli login" in err, err

@@ -210,7 +210,13 @@ def fetch_models(config: Mapping[str, Any], dry_run: bool = False, log: Any = pr
         if not dry_run:
             from huggingface_hub import snapshot_download
 
-            snapshot_download(hub_id, revision=rev, cache_dir=str(hub_cache_dir()), allow_patterns=allow,
-                              ignore_patterns=ignore or None)
+            try:
+                snapshot_download(hub_id, revision=rev, cache_dir=str(hub_cache_dir()), allow_patterns=allow,
+                                  ignore_patterns=ignore or None)
+            except Exception as e:  # noqa: BLE001 - gated repo, no network, bad revision: one line naming the fields
+                first = next((x.strip() for x in str(e).splitlines() if x.strip()), "")
+                hint = " (gated: accept the licence on the hub, then `huggingface-cli login`)" if "gated" in str(e).lower() else ""
+                raise ModelLoadError(f"{', '.join(fields)}: cannot fetch {hub_id}{'@' + rev if rev else ''}: "
+                                     f"{type(e).__name__}: {first}{hint}") from e
         done += fields
     return done
