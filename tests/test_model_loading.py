@@ -79,3 +79,52 @@ def test_truncated_lora_adapter_names_the_lora_field(tiny_dirs, tmp_path):
     w.write_bytes(w.read_bytes()[:50])
     with pytest.raises(ModelLoadError, match=r"^cannot load the LoRA adapter from .*adapter \(models\.tuned\.lora\): "):
         family_module("dinov3").load(cfg, torch.device("cpu"), torch.float32)
+
+
+# ---------------------------------------------------------------- dtype: auto, and hub ids offline
+
+
+def test_dtype_auto_is_the_checkpoints_own_on_gpu_and_fp32_on_cpu(tmp_path, monkeypatch):
+    import json
+
+    from layerscope.models import model_dtype, native_dtype, resolve_dtype
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    for stored, want in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+        d = tmp_path / stored
+        (d / "transformer").mkdir(parents=True)
+        (d / "transformer" / "config.json").write_text(json.dumps({"torch_dtype": stored}))
+        assert native_dtype(d) == stored
+        assert model_dtype({"kind": "path", "path": str(d), "dtype": "auto"}, gpu) == want
+        assert model_dtype({"kind": "path", "path": str(d), "dtype": "auto"}, cpu) == torch.float32
+        assert model_dtype({"kind": "path", "path": str(d), "dtype": "fp32"}, gpu) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype("auto", gpu, "float32") == torch.bfloat16  # fp32 checkpoints compute in bf16 on a GPU
+    assert resolve_dtype("auto", gpu, None) == torch.bfloat16
+
+
+def test_schema_default_dtype_is_auto(repo):
+    from layerscope.plan import load_config, validate_config
+
+    cfg = load_config(repo / "config.yaml")
+    validate_config(cfg)
+    assert cfg["models"]["dinov3_tiny"]["dtype"] == "auto"
+
+
+def test_hub_id_loads_from_the_cache_without_network(tiny_dirs, tmp_path, monkeypatch):
+    """A hub id resolves to its cached snapshot (local_files_only): the cached tiny build loads; an
+    uncached id fails at once naming the field, with no retries."""
+    import time
+
+    from layerscope.real_geometry import write_hub_snapshot
+
+    write_hub_snapshot(tmp_path, "org/dino", {"config.json": tiny_dirs["dinov3"] / "config.json",
+                                              "model.safetensors": tiny_dirs["dinov3"] / "model.safetensors"})
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    fam = family_module("dinov3")
+    m = fam.load({"name": "d", "family": "dinov3", "kind": "hub", "hub_id": "org/dino"}, torch.device("cpu"), torch.float32)
+    assert m.config.hidden_size == 64
+    t = time.monotonic()
+    with pytest.raises(ModelLoadError, match=r"models\.d\.source: hub model org/missing is not in the local cache"):
+        fam.load({"name": "d", "family": "dinov3", "kind": "hub", "hub_id": "org/missing"}, torch.device("cpu"), torch.float32)
+    assert time.monotonic() - t < 5

@@ -98,9 +98,16 @@ def test_shard_labels_round_trip():
         parse_shard_label(lab, ("seed", "timestep", "slice"))
 
 
-def test_hub_source_needs_no_path(cfg):
+def test_hub_source_needs_no_path(cfg, tmp_path, monkeypatch):
     c = copy.deepcopy(cfg)
     c["models"]["dinov3_tiny"]["source"] = "hub:facebook/dinov3-vits16-pretrain-lvd1689m"
+    # the planner checks the local hub cache (no network): fake the model's snapshot there
+    snap = tmp_path / "models--facebook--dinov3-vits16-pretrain-lvd1689m"
+    (snap / "snapshots" / "abc").mkdir(parents=True)
+    (snap / "snapshots" / "abc" / "config.json").write_text("{}")
+    (snap / "refs").mkdir()
+    (snap / "refs" / "main").write_text("abc")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     plan = Plan(c)
     assert plan.model("dinov3_tiny")["hub_id"] == "facebook/dinov3-vits16-pretrain-lvd1689m"
     assert plan.shard_inputs("dinov3_channels", "dinov3_tiny") == ["results/data/photos/index.tsv"]

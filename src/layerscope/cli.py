@@ -1,6 +1,7 @@
 """``layerscope`` command line: what the Snakemake rules call (rules stay thin).
 
     layerscope check-config config.yaml             validate and print the shard plan
+    layerscope fetch config.real.yaml               download the study's hub models (login node)
     layerscope build-model --family F --arch A --seed S --out DIR
     layerscope dataset-index --name N --spec JSON --out results/data/N/index.tsv
     layerscope run-shard --spec JSON --out SHARD.h5  one shard (spec as JSON text or @file)
@@ -101,6 +102,9 @@ def _oom_message(spec: Any, out: Path, e: BaseException) -> str:
 
 
 def cmd_run_shard(args: argparse.Namespace) -> None:
+    # Shard jobs never use the network: hub models come from the local cache (`layerscope fetch`).
+    # Set before huggingface_hub is imported (it reads this once); an explicit setting wins.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from layerscope.data import index_digest
     from layerscope.errors import USER_ERROR_CODES, ConfigError, LayerscopeError
     from layerscope.h5io import ShardWriter
@@ -208,10 +212,24 @@ def cmd_dataset_index(args: argparse.Namespace) -> None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> None:
+    from layerscope.estimate import format_estimates
     from layerscope.plan import plan_from_file
 
     plan = plan_from_file(args.config)
     print(plan.summary())
+    print("expected peak accelerator memory of one shard:")
+    print(format_estimates(plan))
+
+
+def cmd_fetch(args: argparse.Namespace) -> None:
+    """Download every hub model of a study into the hub cache (a login node with network)."""
+    from layerscope.hub import fetch_models, hub_cache_dir
+    from layerscope.plan import load_config, validate_config
+
+    cfg = load_config(args.config)
+    validate_config(cfg)
+    done = fetch_models(cfg, dry_run=args.dry_run)
+    print(f"{'would fetch' if args.dry_run else 'fetched'} {len(done)} hub model(s) into {hub_cache_dir()}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -307,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=None, help="the study's config (default: <workdir>/config.yaml)")
     s.add_argument("--workdir", default=".", help="the study's working directory (where results/ is)")
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("fetch", help="download every hub model of a study (login node; only the files the loaders read)")
+    s.add_argument("config")
+    s.add_argument("--dry-run", action="store_true", help="list what would be fetched")
+    s.set_defaults(func=cmd_fetch)
 
     s = sub.add_parser("inspect", help="print a shard's provenance")
     s.add_argument("shard")

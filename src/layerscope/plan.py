@@ -189,6 +189,9 @@ class Plan:
         self._shards: dict[str, list[tuple[str, str]]] = {}
         for name, mcfg in config.get("models", {}).items():
             self._models[name] = self._resolve_model(name, mcfg)
+        from layerscope.hub import check_all_cached
+
+        check_all_cached(config)  # every missing hub model of the enabled probes named at once, before any job
         for pname, pcfg in config.get("probes", {}).items():
             if pname not in PROBES:
                 raise ConfigError(f"config field probes.{pname}: unknown probe; known: {', '.join(sorted(PROBES))}")
@@ -205,11 +208,12 @@ class Plan:
         p = Path(os.path.expanduser(value))
         return p, (p if p.is_absolute() else self.workdir / p)
 
-    def _check_path(self, field: str, value: str) -> str:
+    def _check_path(self, field: str, value: str, hub_hint: bool = False) -> str:
         p, rel = self._on_disk(value)
         produced = not p.is_absolute() and p.parts[:1] == (RESULTS,)  # made by another rule of the study
         if not produced and not rel.exists():
-            raise ConfigError(f"config field {field}: path '{value}' does not exist (a hub id needs the 'hub:' prefix)")
+            hint = " (a hub id needs the 'hub:' prefix)" if hub_hint else ""
+            raise ConfigError(f"config field {field}: path '{value}' does not exist{hint}")
         return str(p)
 
     def _resolve_model(self, name: str, mcfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -227,10 +231,15 @@ class Plan:
         elif src.startswith("hub:"):
             out.update(kind="hub", hub_id=src[4:], path=None)
         else:
-            out.update(kind="path", path=self._check_path(f"models.{name}.source", src))
+            out.update(kind="path", path=self._check_path(f"models.{name}.source", src, hub_hint=True))
             self._check_folder(f"models.{name}.source", out["path"], ("config.json", "model_index.json", "transformer/config.json"),
                                "a model or pipeline folder saved with save_pretrained")
-        for key in ("lora", "checkpoint"):  # extra weight files: checked now, shard inputs later
+        from layerscope.models import check_weight_keys
+
+        check_weight_keys(name, mcfg)  # a weight key the family does not read is an error, not ignored
+        for key in ("lora", "checkpoint", "lora_payload"):  # extra weight files: checked now, shard inputs later
+            if key != "lora" and str(mcfg.get(key) or "").startswith("hub:"):
+                continue  # a file of a hub repository: checked in the cache with the hub models
             if mcfg.get(key):
                 out[key] = self._check_path(f"models.{name}.{key}", str(mcfg[key]))
         if mcfg.get("lora"):
@@ -398,7 +407,7 @@ class Plan:
     def model_inputs(self, name: str) -> list[str]:
         m = self._models[name]
         out = [m["path"]] if m["kind"] in ("tiny", "path") else []
-        out += [m[k] for k in ("lora", "checkpoint") if m.get(k)]
+        out += [m[k] for k in ("lora", "checkpoint", "lora_payload") if m.get(k) and not str(m[k]).startswith("hub:")]
         return out
 
     def shard_inputs(self, probe: str, model: str) -> list[str]:

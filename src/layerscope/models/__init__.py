@@ -47,22 +47,89 @@ def resolve_device(pref: str = "auto") -> "torch.device":
     return torch.device(pref)
 
 
-def resolve_dtype(pref: str, device: "torch.device") -> "torch.dtype":
-    """auto: bf16 on a GPU that supports it, else fp32 (CPU half precision is slow and lossy)."""
+def resolve_dtype(pref: str, device: "torch.device", native: str | None = None) -> "torch.dtype":
+    """``auto``: on a GPU, the checkpoint's own dtype (``native``, from its config.json
+    ``torch_dtype``: bf16 or fp16 weights stay so, which halves memory against fp32), bf16 when that is
+    unknown or fp32 and the GPU supports it; fp32 on CPU (half precision there is slow and lossy)."""
     import torch
 
     table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if pref == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        nat = NATIVE_NAMES.get(str(native)) if native else None
+        if nat in ("fp16", "bf16"):
+            return table[nat]
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return table[pref]
 
 
+NATIVE_NAMES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "torch.float16": "fp16",
+                "torch.bfloat16": "bf16", "torch.float32": "fp32"}
+
+
+def native_dtype(folder: str | Path) -> str | None:
+    """The dtype a saved model declares (``torch_dtype``, transformers 5 ``dtype``) in its config.json,
+    looked up in the folder or its ``transformer/`` / ``unet/`` subfolder; None when it says nothing."""
+    import json
+
+    for rel in ("config.json", "transformer/config.json", "unet/config.json"):
+        f = Path(folder) / rel
+        if f.is_file():
+            try:
+                cfg = json.loads(f.read_text())
+            except ValueError:
+                return None
+            val = cfg.get("torch_dtype") or cfg.get("dtype")
+            return str(val) if val else None
+    return None
+
+
+def model_dtype(model_cfg: Mapping[str, Any], device: "torch.device") -> "torch.dtype":
+    """The compute dtype of a resolved model config: its ``dtype`` setting, ``auto`` reading the
+    checkpoint's own dtype from its local folder or cached snapshot (never the network)."""
+    pref = str(model_cfg.get("dtype", "auto"))
+    native = None
+    if pref == "auto" and device.type == "cuda":
+        try:
+            native = native_dtype(source_of(model_cfg))
+        except ModelLoadError:
+            native = None
+    return resolve_dtype(pref, device, native)
+
+
+# Which weight keys each family's loader reads. A key given to a family that does not read it is a
+# config error (the issue's "checkpoint: on DINOv3 silently ignored"), never ignored.
+WEIGHT_KEYS: dict[str, tuple[str, ...]] = {
+    "dinov3": ("lora", "checkpoint", "lora_payload"),
+    "wan": ("lora", "checkpoint", "use_ema", "text_encoder", "text_encoder_revision"),
+    "sd3": ("lora", "checkpoint", "lora_target", "t5"),
+    "sdxl": ("lora",),
+    "clip": (),
+}
+ALL_WEIGHT_KEYS = frozenset(k for keys in WEIGHT_KEYS.values() for k in keys)
+
+
+def check_weight_keys(name: str, model_cfg: Mapping[str, Any]) -> None:
+    """Raise ConfigError when a weight key is set (not null) on a family whose loader ignores it."""
+    from layerscope.errors import ConfigError
+
+    fam = str(model_cfg.get("family"))
+    reads = WEIGHT_KEYS.get(fam, ())
+    for key in sorted(ALL_WEIGHT_KEYS - set(reads)):
+        if model_cfg.get(key) is not None:
+            readers = sorted(f for f, ks in WEIGHT_KEYS.items() if key in ks)
+            raise ConfigError(f"config field models.{name}.{key}: family '{fam}' does not read {key} "
+                              f"(only {', '.join(readers)} do); remove it")
+
+
 def source_of(model_cfg: Mapping[str, Any]) -> str:
-    """What ``from_pretrained`` receives: a local directory or a hub id."""
+    """What ``from_pretrained`` receives: a local directory. A hub id resolves to its snapshot in the
+    local cache without any network call (offline compute nodes: no retries), at ``revision`` if set."""
     if model_cfg.get("kind") == "hub":
-        return str(model_cfg["hub_id"])
+        from layerscope.hub import local_snapshot
+
+        return local_snapshot(str(model_cfg["hub_id"]), model_cfg.get("revision"), config_field(model_cfg))
     path = Path(str(model_cfg["path"]))
     if not path.exists():
         raise ModelLoadError(f"model files not found: {path} (models.{model_cfg.get('name', '?')}.source)")

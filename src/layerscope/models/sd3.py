@@ -177,7 +177,7 @@ def load(model_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype)
         no_t5 = idx.get("text_encoder_3") in (None, [None, None])
     else:
         no_t5 = False
-    if no_t5 or not model_cfg.get("t5", True):
+    if no_t5 or model_cfg.get("t5") is False:
         kw.update(text_encoder_3=None, tokenizer_3=None)
     with loading("an SD3 pipeline", src, config_field(model_cfg)):
         pipe = StableDiffusion3Pipeline.from_pretrained(src, dtype=dtype, **kw)

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from layerscope.models import ModelLoadError, config_field, loading, source_of
 
 __all__ = [
-    "TINY_ARCHS", "build_tiny", "load", "WanBundle", "encode_prompt", "convert_original_to_diffusers",
+    "TINY_ARCHS", "build_tiny", "load", "WanBundle", "encode_prompt", "prompt_clean", "load_text_encoder", "convert_original_to_diffusers",
     "convert_diffusers_to_original", "load_self_forcing_checkpoint", "CausalState", "KVCache",
     "CausalWanAttnProcessor", "install_causal_processors", "restore_processors", "rope_for_frames",
     "FrameReducer", "FullLogitsSink", "CaptureRequest", "GenerationConfig", "generate", "self_forcing_sigmas",
@@ -114,48 +114,122 @@ def build_tiny(arch: str, seed: int, out_dir: Path) -> None:
 
 @dataclass
 class WanBundle:
-    """What the probe needs from a Wan checkpoint: the transformer and, if present, UMT5 + tokenizer."""
+    """What the probe needs from a Wan checkpoint: the transformer and, loaded only when a prompt is
+    encoded (:func:`encode_prompt`), UMT5 + tokenizer. ``text_source`` is where they come from
+    (the pipeline folder's ``text_encoder/`` + ``tokenizer/``, or the model's ``text_encoder:``)."""
 
     transformer: Any
     text_encoder: Any | None
     tokenizer: Any | None
     source: str
     checkpoint: str | None = None
+    text_source: str | None = None
+    text_field: str = "models.*.source"
+    text_dtype: Any = None
+    checkpoint_key: str | None = None
 
 
 def load(model_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> WanBundle:
-    """Load a Wan pipeline folder (tiny build or hub id) through ``from_pretrained``.
+    """Load a Wan pipeline folder (tiny build, local path or cached hub id) through ``from_pretrained``.
 
     ``model_cfg['checkpoint']`` (optional) names a Self-Forcing-style ``.pt`` / ``.safetensors`` whose
-    ``generator_ema`` (``use_ema``, default true) or ``generator`` state dict uses original Wan key names;
-    it replaces the transformer's weights after conversion.  Without it this is the base model (the design
-    note's ``--no_checkpoint``).  ``model_cfg['lora']``: a peft adapter folder injected into the transformer."""
+    ``generator_ema`` / ``generator`` state dict uses original Wan key names (``use_ema``: true, false,
+    or null = EMA when the file has it, else the raw generator; the log says which); it replaces the
+    transformer's weights after conversion.  Without it this is the base model (the design note's
+    ``--no_checkpoint``).  ``model_cfg['lora']``: a peft adapter folder injected into the transformer.
+
+    The UMT5-XXL text encoder (~5.7 B parameters, 23 GB in fp32) is NOT loaded here: only
+    :func:`encode_prompt` loads it, in the model's dtype, and frees it after encoding, so a probe with
+    ``text: random`` never holds it and a real prompt holds it only while encoding. It comes from
+    ``model_cfg['text_encoder']`` when set (a local folder or ``hub:<id>``, a pipeline folder with
+    ``text_encoder/`` + ``tokenizer/`` or a bare UMT5 folder with its tokenizer), else the pipeline's own."""
     from diffusers import WanTransformer3DModel
 
     src = source_of(model_cfg)
     is_dir = Path(src).is_dir()
     if is_dir and not (Path(src) / "transformer").is_dir():
-        raise ModelLoadError(f"{src}: not a Wan pipeline folder (no transformer/ subfolder)")
+        raise ModelLoadError(f"{src}: not a Wan pipeline folder (no transformer/ subfolder) ({config_field(model_cfg)})")
     with loading("the Wan transformer", src, config_field(model_cfg)):
         transformer = WanTransformer3DModel.from_pretrained(src, subfolder="transformer", torch_dtype=dtype)
     ckpt = model_cfg.get("checkpoint")
+    used = None
     if ckpt:
-        load_self_forcing_checkpoint(transformer, ckpt, use_ema=bool(model_cfg.get("use_ema", True)))
+        use_ema = model_cfg.get("use_ema")
+        from layerscope.hub import local_file
+
+        ckpt = local_file(str(ckpt), config_field(model_cfg, "checkpoint"))
+        used = load_self_forcing_checkpoint(transformer, ckpt, use_ema=None if use_ema is None else bool(use_ema),
+                                            field=config_field(model_cfg, "checkpoint"))
+        transformer.to(dtype)
     if model_cfg.get("lora"):
-        _apply_lora(transformer, str(model_cfg["lora"]))
+        _apply_lora(transformer, str(model_cfg["lora"]), config_field(model_cfg, "lora"))
     transformer.to(device).eval()  # dtype came from from_pretrained (keeps its fp32 modules)
-    text_encoder = tokenizer = None
-    has_text = (Path(src) / "text_encoder").is_dir() if is_dir else True
-    if has_text:
-        from transformers import AutoTokenizer, UMT5EncoderModel
+    te = model_cfg.get("text_encoder")
+    if te:
+        te = str(te)
+        if te.startswith("hub:"):
+            from layerscope.hub import local_snapshot
 
-        with loading("the Wan text encoder and tokenizer", src, config_field(model_cfg)):
-            text_encoder = UMT5EncoderModel.from_pretrained(src, subfolder="text_encoder", torch_dtype=dtype).to(device).eval()
-            tokenizer = AutoTokenizer.from_pretrained(src, subfolder="tokenizer")
-    return WanBundle(transformer, text_encoder, tokenizer, src, str(ckpt) if ckpt else None)
+            text_source = local_snapshot(te[4:], model_cfg.get("text_encoder_revision"), config_field(model_cfg, "text_encoder"))
+        else:
+            text_source = te
+        text_field = config_field(model_cfg, "text_encoder")
+    else:
+        text_source, text_field = src, config_field(model_cfg)
+    return WanBundle(transformer, None, None, src, str(ckpt) if ckpt else None, text_source, text_field, dtype, used)
 
 
-def _apply_lora(model: torch.nn.Module, lora_dir: str) -> None:
+def load_text_encoder(bundle: WanBundle, device: torch.device) -> None:
+    """Load UMT5 + tokenizer into the bundle (in the bundle's dtype) from ``bundle.text_source``."""
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    root = Path(str(bundle.text_source))
+    if root.is_dir() and (root / "text_encoder").is_dir():
+        enc_dir, tok_dir = root / "text_encoder", root / "tokenizer"
+    else:
+        enc_dir, tok_dir = root, root
+    if not enc_dir.is_dir():
+        raise ModelLoadError(f"{bundle.text_field}: {root} has no text_encoder/ (and is not a UMT5 folder): "
+                             f"set the model's text_encoder: or use the probe's text: random")
+    with loading("the Wan text encoder and tokenizer", root, bundle.text_field):
+        bundle.text_encoder = UMT5EncoderModel.from_pretrained(str(enc_dir), torch_dtype=bundle.text_dtype).to(device).eval()
+        bundle.tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+
+
+def free_text_encoder(bundle: WanBundle) -> None:
+    """Drop UMT5 once prompts are encoded: generation needs only the transformer."""
+    bundle.text_encoder = None
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def basic_clean(text: str) -> str:
+    """As diffusers' Wan pipeline: ftfy's fix_text when ftfy is installed, HTML unescaped twice."""
+    import html
+
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    return html.unescape(html.unescape(text)).strip()
+
+
+def whitespace_clean(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def prompt_clean(text: str) -> str:
+    """The prompt cleaning of diffusers' ``WanPipeline`` (whitespace_clean(basic_clean(text))): the
+    real text encoder must see the same tokens the pipeline would give it."""
+    return whitespace_clean(basic_clean(text))
+
+
+def _apply_lora(model: torch.nn.Module, lora_dir: str, field: str = "models.*.lora") -> None:
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -163,7 +237,7 @@ def _apply_lora(model: torch.nn.Module, lora_dir: str) -> None:
     cfg_file, w_file = d / "adapter_config.json", d / "adapter_model.safetensors"
     if not cfg_file.is_file() or not w_file.is_file():
         raise ModelLoadError(f"lora {d}: expected adapter_config.json and adapter_model.safetensors")
-    with loading("the LoRA adapter", d, "models.*.lora"):
+    with loading("the LoRA adapter", d, field):
         cfg = json.loads(cfg_file.read_text())
         keep = {k: v for k, v in cfg.items() if k in LoraConfig.__dataclass_fields__}
         inject_adapter_in_model(LoraConfig(**keep), model)
@@ -174,11 +248,16 @@ def _apply_lora(model: torch.nn.Module, lora_dir: str) -> None:
 
 @torch.no_grad()
 def encode_prompt(bundle: WanBundle, prompts: Sequence[str], max_sequence_length: int, device: torch.device,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """UMT5 prompt embeddings exactly as ``WanPipeline._get_t5_prompt_embeds``: encode with the padding
-    mask, keep each prompt's real tokens, zero-pad to ``max_sequence_length``.  Shape (B, L, text_dim)."""
+                  dtype: torch.dtype, free: bool = True) -> torch.Tensor:
+    """UMT5 prompt embeddings exactly as ``WanPipeline._get_t5_prompt_embeds``: clean the prompts
+    (:func:`prompt_clean`), encode with the padding mask, keep each prompt's real tokens, zero-pad to
+    ``max_sequence_length``.  Shape (B, L, text_dim). Loads the text encoder if the bundle has none
+    and (``free``) drops it afterwards."""
     if bundle.text_encoder is None or bundle.tokenizer is None:
-        raise ModelLoadError(f"{bundle.source}: no text_encoder/ and tokenizer/ to encode prompts")
+        if bundle.text_source is None:
+            raise ModelLoadError(f"{bundle.source}: no text_encoder/ and tokenizer/ to encode prompts")
+        load_text_encoder(bundle, device)
+    prompts = [prompt_clean(p) for p in prompts]
     tok = bundle.tokenizer(list(prompts), padding="max_length", max_length=max_sequence_length, truncation=True,
                            add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
     ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
@@ -187,6 +266,8 @@ def encode_prompt(bundle: WanBundle, prompts: Sequence[str], max_sequence_length
     out = torch.zeros_like(hidden)
     for i, n in enumerate(seq_lens.tolist()):
         out[i, :n] = hidden[i, :n]
+    if free:
+        free_text_encoder(bundle)
     return out
 
 
@@ -281,31 +362,45 @@ def convert_diffusers_to_original(sd: Mapping[str, torch.Tensor]) -> dict[str, t
     return _rename(sd, _D2O, "diffusers Wan state dict")
 
 
-def load_self_forcing_checkpoint(transformer: torch.nn.Module, path: str | Path, use_ema: bool = True) -> None:
+def load_self_forcing_checkpoint(transformer: torch.nn.Module, path: str | Path, use_ema: bool | None = True,
+                                 field: str = "models.<name>.checkpoint") -> str | None:
     """Load ``generator_ema`` (or ``generator``) of a Self-Forcing-style checkpoint into a diffusers transformer.
 
     Accepts a ``.pt`` dict of state dicts, a bare original-key state dict, or a ``.safetensors`` file.
+    ``use_ema``: True / False ask for that state dict (its absence is an error: an explicit request is
+    never silently substituted); None takes ``generator_ema`` when present, else ``generator``.
+    The log says which was used; the key is returned (None for a bare state dict).
     Every transformer parameter must be covered (strict load): a partial checkpoint is an error."""
+    import logging
+
     p = Path(path)
     if not p.is_file():
-        raise ModelLoadError(f"checkpoint {p} does not exist (models.<name>.checkpoint)")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        raise ModelLoadError(f"checkpoint {p} does not exist ({field})")
+    with loading("the Self-Forcing checkpoint", p, field):
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        sd: Mapping[str, Any] = load_file(str(p))
-    else:
-        sd = torch.load(str(p), map_location="cpu", weights_only=True)
-    key = "generator_ema" if use_ema else "generator"
+            sd: Mapping[str, Any] = load_file(str(p))
+        else:
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    used = None
     if isinstance(sd, Mapping) and any(k in sd for k in ("generator", "generator_ema")):
-        if key not in sd:
-            raise ModelLoadError(f"checkpoint {p}: no '{key}' state dict (has {sorted(k for k in sd if isinstance(sd[k], Mapping))}); "
-                                 f"set models.<name>.use_ema accordingly")
-        sd = sd[key]
+        if use_ema is None:
+            used = "generator_ema" if "generator_ema" in sd else "generator"
+        else:
+            used = "generator_ema" if use_ema else "generator"
+            if used not in sd:
+                raise ModelLoadError(f"checkpoint {p}: no '{used}' state dict (has {sorted(k for k in sd if isinstance(sd[k], Mapping))}); "
+                                     f"set {field.rsplit('.', 1)[0]}.use_ema accordingly (null: whichever is there)")
+        sd = sd[used]
+    logging.getLogger("layerscope.wan").info("Self-Forcing checkpoint %s: loaded %s", p,
+                                             used or "a bare state dict")
     conv = convert_original_to_diffusers({k: v for k, v in sd.items() if not k.endswith("freqs")})
     res = transformer.load_state_dict(conv, strict=False)
     if res.missing_keys or res.unexpected_keys:
         raise ModelLoadError(f"checkpoint {p}: does not match the transformer (missing {res.missing_keys[:3]}, "
-                             f"unexpected {res.unexpected_keys[:3]})")
+                             f"unexpected {res.unexpected_keys[:3]}) ({field})")
+    return used
 
 
 # ---------------------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ class DinoV3Channels(Probe):
         import torch
 
         from layerscope.data import load_image
-        from layerscope.models import resolve_device, resolve_dtype
+        from layerscope.models import model_dtype, resolve_device
         from layerscope.models.dinov3 import final_norms, load, preprocess
         from layerscope.plan import ConfigError
 
@@ -142,8 +142,9 @@ class DinoV3Channels(Probe):
         records = spec.records()
 
         device = resolve_device(spec.device)
-        dtype = resolve_dtype(spec.model_cfg.get("dtype", "fp32"), device)
-        model = load(spec.model_cfg, device, dtype)
+        mcfg = {"name": spec.model, **spec.model_cfg}  # errors name models.<name>.<field>
+        dtype = model_dtype(mcfg, device)
+        model = load(mcfg, device, dtype)
         n_layers = model.config.num_hidden_layers
         n_reg = int(getattr(model.config, "num_register_tokens", 0))
         layers = list(range(n_layers)) if cfg.get("layers", "all") == "all" else list(cfg["layers"])

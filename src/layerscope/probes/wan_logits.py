@@ -163,15 +163,16 @@ class WanLogits(Probe):
         import torch
 
         from layerscope.h5io import atomic_path
-        from layerscope.models import resolve_device, resolve_dtype, set_threads
+        from layerscope.models import model_dtype, resolve_device, set_threads
         from layerscope.models import wan
         from layerscope.stats import Moments
 
         cfg = vars(spec.settings)
         set_threads(spec.threads)
         device = resolve_device(spec.device)
-        dtype = resolve_dtype(str(spec.model_cfg.get("dtype", "fp32")), device)
-        bundle = wan.load(spec.model_cfg, device, dtype)
+        mcfg = {"name": spec.model, **spec.model_cfg}  # errors name models.<name>.<field>
+        dtype = model_dtype(mcfg, device)
+        bundle = wan.load(mcfg, device, dtype)
         tr = bundle.transformer
         layers = parse_layers(spec.axes["layers"], len(tr.blocks))
         step = parse_step(spec.axes["step"], len(cfg["denoising_steps"]))
