@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------------------------
-# tiny architectures (see /work/shared/notes/models-and-science.md) and loading
+# tiny architectures (see docs/background/models-and-science.md) and loading
 # ---------------------------------------------------------------------------------------------
 
 TINY_ARCHS: dict[str, dict[str, Any]] = {
