@@ -44,3 +44,25 @@ def test_snakefmt_check_is_clean():
     r = subprocess.run([str(exe), "--check", "--diff", *map(str, SNAKEFILES)], capture_output=True, text=True,
                        env=_env(), cwd=REPO, timeout=120)
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+
+
+def test_the_repository_stands_alone():
+    """No tracked file names a path outside the repository (a developer's sibling folders, a
+    machine's home): what the study needs from outside lives in docs/ (design notes, background)."""
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    if not files:
+        pytest.skip("not a git checkout")
+    outside = ("../" + "shared", "/" + "work/")  # split so this file does not match itself
+    hits = []
+    for name in files:
+        path = REPO / name
+        if not path.is_file() or path.suffix in {".png", ".pdf", ".h5", ".safetensors", ".pt"}:
+            continue
+        try:
+            text = path.read_text(errors="ignore")
+        except OSError:
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            if any(o in line for o in outside):
+                hits.append(f"{name}:{n}: {line.strip()[:100]}")
+    assert not hits, "paths outside the repository:\n" + "\n".join(hits)
