@@ -147,7 +147,7 @@ CASES = [
     Case("folder-without-path", _add_dataset("imgs", {"kind": "folder"}),
          F + "datasets.imgs: 'path' is a required property"),
     Case("list-file-missing", _add_dataset("lst", {"kind": "list", "path": "nope.tsv"}),
-         F + "datasets.lst.path: path 'nope.tsv' does not exist (a hub id needs the 'hub:' prefix)"),
+         F + "datasets.lst.path: path 'nope.tsv' does not exist"),
     Case("list-line-without-tab", _add_dataset("lst", {"kind": "list", "path": "list.tsv"}),
          "datasets.lst.path: list.tsv line 3: expected 'path<TAB>caption'",
          files={"list.tsv": "# images\na.png\ta cat\nb.png a dog\n"}),

@@ -188,7 +188,7 @@ def test_defaults_fill_a_minimal_wan_config():
     validate_config(c)
     p = c["probes"]["wan_logits"]
     assert p["num_frames"] == 21 and p["latent_size"] == [60, 104] and p["layer_groups"] == [[0, 4]]
-    assert p["resources"] == {"mem_mb": 8000, "runtime": 60} and c["models"]["w"]["dtype"] == "fp32"
+    assert p["resources"] == {"mem_mb": 8000, "runtime": 60} and c["models"]["w"]["dtype"] == "auto"
     assert c["study"] == "default" and c["runtime"] == {"device": "auto", "threads": 1}
     with pytest.raises(ConfigError, match=r"layer_groups: layer 4 is beyond model 'w' \(4 blocks: 0..3\)"):
         Plan(c)  # the defaulted value is checked like a written one: the tiny Wan has 4 blocks

@@ -159,7 +159,7 @@ def test_wan_1_3b_geometry_with_self_forcing_pt(tmp_path):
     torch.save({"generator_ema": orig, "generator": {k: torch.zeros_like(v) for k, v in orig.items()}},
                tmp_path / "self_forcing_dmd.pt")
     pcfg = {"prompt": "x", "text": "random", "max_sequence_length": 8, "num_frames": 6, "num_frame_per_block": 3,
-            "latent_size": [8, 12], "steps": ["0"], "chunks": [-1], "layer_groups": [[0]], "seeds": [42],
+            "latent_size": [8, 12], "steps": [0], "chunks": [-1], "layer_groups": [[0]], "seeds": [42],
             "query_chunk": 32, "first_k": 1, "save_logits": False}
     tabs = {}
     for name, extra in (("base", {}), ("sf", {"checkpoint": str(tmp_path / "self_forcing_dmd.pt"), "use_ema": None})):

@@ -60,8 +60,14 @@ def _static_eval(node: ast.AST, env: Mapping[str, Any]) -> Any:
     names bound earlier, subscripts and + of those. Anything else is unknown (raises ValueError)."""
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
         return {kw.arg: _static_eval(kw.value, env) for kw in node.keywords if kw.arg}
-    if isinstance(node, ast.Dict):
-        return {_static_eval(k, env): _static_eval(v, env) for k, v in zip(node.keys, node.values) if k is not None}
+    if isinstance(node, ast.Dict):  # {**base, key: value}: spreads merge in order, as Python does
+        out: dict[Any, Any] = {}
+        for k, v in zip(node.keys, node.values):
+            if k is None:
+                out.update(_static_eval(v, env))
+            else:
+                out[_static_eval(k, env)] = _static_eval(v, env)
+        return out
     if isinstance(node, (ast.List, ast.Tuple)):
         return [_static_eval(e, env) for e in node.elts]
     if isinstance(node, ast.Name):
@@ -89,10 +95,14 @@ def tiny_archs(family: str) -> dict[str, Any]:
     for node in tree.body:
         targets = [node.target] if isinstance(node, ast.AnnAssign) else getattr(node, "targets", [])
         value = getattr(node, "value", None)
-        if value is None or len(targets) != 1 or not isinstance(targets[0], ast.Name):
+        if value is None or len(targets) != 1:
             continue
+        target = targets[0]
         try:
-            env[targets[0].id] = _static_eval(value, env)
+            if isinstance(target, ast.Name):
+                env[target.id] = _static_eval(value, env)
+            elif isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name) and target.value.id in env:
+                env[target.value.id][_static_eval(target.slice, env)] = _static_eval(value, env)  # NAME[key] = ...
         except (ValueError, KeyError, TypeError, SyntaxError):
             continue
     archs = env.get("TINY_ARCHS")
