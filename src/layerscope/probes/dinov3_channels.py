@@ -26,7 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
-from layerscope.probes.base import Probe, ShardSpec
+from layerscope.probes.base import MOMENTS_LAYOUT, GroupLayout, Probe, ShardSpec
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -113,6 +113,15 @@ class DinoV3Channels(Probe):
     families: ClassVar[tuple[str, ...]] = ("dinov3",)
     tables: ClassVar[tuple[str, ...]] = ("channels", "layers", "outliers")
     figures: ClassVar[tuple[str, ...]] = ("std_max_abs_per_layer", "outlier_channels_heatmap", "magnitude_vs_layer")
+    layout: ClassVar[tuple[GroupLayout, ...]] = (
+        GroupLayout(r"stats/blocks\.\d+\.[a-z_.]+/(cls|patch)",
+                    {**MOMENTS_LAYOUT, "hist": "hist", "topk_value": "max_abs", "topk_channel": "index",
+                     "topk_sample": "index", "topk_token": "index"}, attrs=("layer", "rep")),
+    )
+
+    def expected_groups(self, shard: "Shard") -> list[str] | None:
+        n = int(shard.attrs["num_layers"])
+        return [f"stats/{hook_name(i, r)}/{role}" for i in range(n) for r in REPS for role in ROLES]
 
     # ------------------------------------------------------------------ shard
     def run_shard(self, spec: ShardSpec, writer: "ShardWriter") -> None:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from layerscope.probes.base import Probe, ShardSpec
+from layerscope.probes.base import GroupLayout, Probe, ShardSpec
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -174,6 +174,15 @@ class SD3TextGrad(Probe):
     families: ClassVar[tuple[str, ...]] = ("sd3",)
     tables: ClassVar[tuple[str, ...]] = ("samples", "blocks", "tokens")
     figures: ClassVar[tuple[str, ...]] = tuple(FIGURES.values())
+    layout: ClassVar[tuple[GroupLayout, ...]] = (
+        GroupLayout(r"stats/transformer_blocks\.\d+\.hook_text_grad",
+                    {**{m: "metric" for m in METRICS}, "image_id": "index", "n_tokens": "count",
+                     "nonfinite": "count", "status": "int", "token_scores": "metric?"}, attrs=("block",)),
+        GroupLayout(r"inputs", {"image_id": "index", "token_mask": "uint8", "objective": "metric"}),
+    )
+
+    def expected_groups(self, shard: "Shard") -> list[str] | None:
+        return ["inputs", *(f"stats/{hook_name(int(b))}" for b in shard.json_attr("blocks"))]
 
     def check_config(self, probe_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         from layerscope.plan import ConfigError

@@ -28,7 +28,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
-from layerscope.probes.base import Probe, ShardSpec
+from layerscope.probes.base import MOMENTS_LAYOUT, GroupLayout, Probe, ShardSpec
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -124,6 +124,17 @@ class WanLogits(Probe):
     tables: ClassVar[tuple[str, ...]] = ("frame_profile", "sink_metrics")
     figures: ClassVar[tuple[str, ...]] = ("frame_logits", "frame_mass", "sink_heatmaps")
     axis_keys: ClassVar[dict[str, str]] = {"layers": "layer_groups", "step": "steps", "seed": "seeds"}
+    layout: ClassVar[tuple[GroupLayout, ...]] = (
+        GroupLayout(r"stats/blocks\.\d+\.attn1\.hook_attn_logits/chunk\d+",
+                    {"logit_sum": "finite", "mass_sum": "finite", "logit_max": "max", "query_tokens": "count",
+                     "key_tokens_per_frame": "count", "nonfinite": "count"}, attrs=("geometry",)),
+        GroupLayout(r"stats/hook_latents", MOMENTS_LAYOUT),
+    )
+    layout_varies_with: ClassVar[tuple[str, ...]] = ("layers",)
+
+    def expected_groups(self, shard: "Shard") -> list[str] | None:
+        meta = shard.json_attr("wan_logits")
+        return ["stats/hook_latents", *(f"stats/{hook_name(int(l))}/chunk{int(c)}" for l in meta["layers"] for c in meta["chunks"])]
 
     # ---- planning ----
     def axis_values(self, probe_cfg: Mapping[str, Any], model: str, model_cfg: Mapping[str, Any]) -> dict[str, list[str]]:
