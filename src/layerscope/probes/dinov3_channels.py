@@ -236,6 +236,8 @@ class DinoV3Channels(Probe):
         import numpy as np
         import seaborn as sns
 
+        from layerscope.plots import mark_nonfinite, mark_nonfinite_grid
+
         sns.set_theme(style="whitegrid", context="paper")
         fig_dir = Path(fig_dir)
         layers = tables["layers"]
@@ -251,6 +253,7 @@ class DinoV3Channels(Probe):
         g.set(yscale="log")
         g.set_titles("{row_name} | {col_name}")
         g.figure.suptitle(f"Channel std (mean over channels) and max|x| per layer {caption}".strip(), y=1.02)
+        mark_nonfinite_grid(g, chans, "layer", col="role")
         g.savefig(fig_dir / "std_max_abs_per_layer.png", dpi=120, bbox_inches="tight")
         plt.close(g.figure)
 
@@ -264,6 +267,7 @@ class DinoV3Channels(Probe):
             sns.heatmap(np.log10(piv.loc[top].clip(lower=1e-6)), ax=ax, cmap="magma",
                         cbar_kws={"label": "log10 max|x|"})
             ax.set_title(f"{m}: top channels by max|x| (pre, patch)")
+            mark_nonfinite(ax, sub, "layer", position=list(piv.columns))
         fig.tight_layout()
         fig.savefig(fig_dir / "outlier_channels_heatmap.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
@@ -276,5 +280,6 @@ class DinoV3Channels(Probe):
         g.set(yscale="log")
         g.set_titles("{row_name} | {col_name}")
         g.figure.suptitle(f"Top-1/2/3 and median |x| per layer (massive: >100 and >1000x median) {caption}".strip(), y=1.02)
+        mark_nonfinite_grid(g, layers, "layer", row="role", col="rep")
         g.savefig(fig_dir / "magnitude_vs_layer.png", dpi=120, bbox_inches="tight")
         plt.close(g.figure)

@@ -424,6 +424,9 @@ class SD3TextGrad(Probe):
             ax.set_title(f"{labels[metric]} of dy/d(text input) per block\n"
                          f"95% CI over {n_seeds} seed(s) x {n_img} sample(s) {caption}".strip(), fontsize=9)
             ax.xaxis.get_major_locator().set_params(integer=True)
+            from layerscope.plots import mark_nonfinite
+
+            mark_nonfinite(ax, s, "block")
             if ax.get_legend() is not None:
                 sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
             fig.tight_layout()

@@ -314,6 +314,8 @@ class WanLogits(Probe):
         import matplotlib.pyplot as plt
         import seaborn as sns
 
+        from layerscope.plots import mark_nonfinite
+
         fig_dir = Path(fig_dir)
         fig_dir.mkdir(parents=True, exist_ok=True)
         prof, mets = tables["frame_profile"], tables["sink_metrics"]
@@ -341,6 +343,7 @@ class WanLogits(Probe):
                 mat = sub.pivot_table(index="layer", columns="head", values=m)
                 sns.heatmap(mat, ax=axes[r][c], annot=mat.size <= 64, fmt=".2f", cmap="viridis", cbar=True)
                 axes[r][c].set_title(f"{model} step {step}\n{m}", fontsize=8)
+                mark_nonfinite(axes[r][c], sub, "head", position=list(mat.columns))
         fig.suptitle(f"Sink metrics per layer x head (last captured chunk) {caption}".strip(), fontsize=9)
         fig.tight_layout()
         fig.savefig(fig_dir / "sink_heatmaps.png", dpi=110)
