@@ -66,6 +66,9 @@ CONFIG = {
 def study5(tmp_path_factory) -> Path:
     """One finished run of all five probes (about a minute on 2 cores)."""
     wd = tmp_path_factory.mktemp("study5")
+    reuse = os.environ.get("LAYERSCOPE_DEV_STUDY5")  # DEV ONLY: a finished run of CONFIG, copied
+    if reuse:
+        shutil.copytree(reuse, wd, dirs_exist_ok=True)
     (wd / "study.yaml").write_text(yaml.safe_dump(CONFIG))
     run_snakemake(wd, config=wd / "study.yaml")
     return wd
@@ -83,12 +86,19 @@ def work(study5, tmp_path, monkeypatch):
         src = study5 / "results" / probe / "shards"
         shutil.copytree(src, tmp_path / "results" / probe / "shards")
     monkeypatch.chdir(tmp_path)
+    for probe in PROBES:
+        expect_hash(probe)  # before any fault touches the copies
     return tmp_path
 
 
+HASHES: dict[str, str] = {}  # probe -> config hash of the pristine shards (the 'current config')
+
+
 def expect_hash(probe: str) -> str:
-    with h5py.File(shard_paths(Path("."), probe)[0]) as f:
-        return str(f.attrs["config_hash"])
+    if probe not in HASHES:
+        with h5py.File(shard_paths(Path("."), probe)[-1]) as f:
+            HASHES[probe] = str(f.attrs["config_hash"])
+    return HASHES[probe]
 
 
 def merge(probe: str, out: str = "tables") -> dict[str, bytes]:
@@ -145,6 +155,16 @@ def payload_offsets(path: Path) -> dict[str, tuple[int, int]]:
                         out[n] = (off, o.id.get_storage_size())
         f.visititems(visit)
     return out
+
+
+def resign(path: Path) -> None:
+    """Recompute the attribute checksum after an edit: the shard is then exactly what a buggy or
+    foreign writer would have produced (checksums valid), so only the layout/value/provenance
+    checks can refuse it. Without this, the attribute CRC refuses the edit as corruption."""
+    from layerscope.h5io import attrs_crc
+
+    with h5py.File(path, "a") as f:
+        f.attrs["attrs_crc32"] = attrs_crc(f)
 
 
 def flip(path: Path, offset: int, bit: int) -> None:
@@ -208,6 +228,7 @@ def test_missing_group_is_refused(work, probe):
     victim = groups[len(groups) // 2]
     with h5py.File(bad, "a") as f:
         del f[victim]
+    resign(bad)  # as a buggy writer would have left it: only the declared layout can notice
     assert_refused(probe, bad, victim)
 
 
@@ -218,6 +239,7 @@ def test_missing_dataset_inside_a_group_is_refused_not_a_keyerror(work, probe):
     group, name = victim.rsplit("/", 1)
     with h5py.File(bad, "a") as f:
         del f[victim]
+    resign(bad)
     assert_refused(probe, bad, f"group {group}: dataset {name} is missing")
 
 
@@ -238,7 +260,12 @@ def test_bit_flip_in_any_stored_payload_is_refused(work, probe):
     offsets = payload_offsets(bad)
     assert offsets
     rng = np.random.default_rng(13)
-    for name, (off, size) in sorted(offsets.items()):
+    names = sorted(offsets)
+    # every statistics kind at least once, at most 8 datasets per probe (each check is a full merge)
+    pick = sorted({n for n in names if n.rsplit("/", 1)[-1] in ("mean", "m2", "count", "logit_sum", "strength", "total")}
+                  | set(rng.choice(names, size=min(4, len(names)), replace=False)))[:8]
+    for name in pick:
+        off, size = offsets[name]
         at = off + int(rng.integers(0, max(size, 1)))
         flip(bad, at, int(rng.integers(0, 8)))
         assert_refused(probe, bad, "corrupt")
@@ -247,14 +274,14 @@ def test_bit_flip_in_any_stored_payload_is_refused(work, probe):
 
 @pytest.mark.parametrize("probe", sorted(PROBES))
 def test_bit_flips_at_random_offsets_never_change_a_table(work, baseline, probe):
-    """40 single-bit flips at random offsets anywhere in a shard (superblock, object headers,
+    """16 single-bit flips at random offsets anywhere in a shard (superblock, object headers,
     attributes, B-trees, payloads, free space): each is refused with the file named, or - where
     the bit carried no information - the tables are byte-identical to the pristine merge."""
     pristine = {p: p.read_bytes() for p in shard_paths(work, probe)}
     bad = next(iter(pristine))
-    rng = np.random.default_rng(abs(hash(probe)) % 2**32)
+    rng = np.random.default_rng(sum(map(ord, probe)))
     refused = 0
-    for _ in range(40):
+    for _ in range(16):
         flip(bad, int(rng.integers(0, len(pristine[bad]))), int(rng.integers(0, 8)))
         try:
             tables = merge(probe, out="flipped")
@@ -264,7 +291,7 @@ def test_bit_flips_at_random_offsets_never_change_a_table(work, baseline, probe)
         else:
             assert tables == baseline[probe], "a flipped bit changed a table"
         bad.write_bytes(pristine[bad])
-    assert refused >= 10  # most of a small shard is information
+    assert refused >= 4  # most of a small shard is information (measured: 43-90 % of 30 flips)
 
 
 # ------------------------------------------------------------------ faults between shards
@@ -283,6 +310,7 @@ def test_stale_shard_from_another_config_is_refused(work, probe):
     bad = shard_paths(work, probe)[-1]
     with h5py.File(bad, "a") as f:
         f.attrs["config_hash"] = "0123456789abcdef"
+    resign(bad)
     assert_refused(probe, bad, "stale or foreign shard")
 
 
@@ -291,6 +319,7 @@ def test_shards_that_saw_different_data_are_refused(work, probe):
     a, b = shard_paths(work, probe)
     with h5py.File(b, "a") as f:
         f.attrs["data_digest"] = '{"photos": "ffffffffffffffff"}'
+    resign(b)
     msg = assert_refused(probe, b, "shards disagree")
     assert f"{a}: " in msg
 
@@ -299,7 +328,17 @@ def test_missing_layout_attribute_is_refused(work):
     bad = shard_paths(work, "dinov3_channels")[0]
     with h5py.File(bad, "a") as f:
         del f.attrs["num_layers"]
+    resign(bad)
     assert_refused("dinov3_channels", bad, "attributes that define its layout")
+
+
+def test_edited_provenance_is_refused_by_the_attribute_checksum(work):
+    """A provenance attribute changed after writing (bit rot in dense attribute storage, which
+    HDF5 does not checksum, or a hand edit): refused as corrupt."""
+    bad = shard_paths(work, "sd3_recon_train")[0]
+    with h5py.File(bad, "a") as f:
+        f.attrs["final_hook"] = "transformer_blocks.:.hook_text_out"
+    assert_refused("sd3_recon_train", bad, "corrupt", "checksum mismatch in the attributes")
 
 
 def test_dataset_without_checksum_is_refused(work):

@@ -8,7 +8,8 @@ Layout (format version 1; see docs/shard-format.md):
     /<group path>/<dataset> arrays written by the probe, e.g.
     /stats/blocks.3.hook_resid_post/patch/{count,mean,m2,max_abs,nonfinite,hist,topk_*}
 
-Every dataset carries a checksum, verified whenever it is read: arrays are stored chunked with
+Every dataset carries a checksum, verified whenever it is read (and all attributes one CRC-32,
+root attribute ``attrs_crc32``, because HDF5 leaves dense attribute storage unchecksummed): arrays are stored chunked with
 HDF5's Fletcher-32 filter (``fletcher32=True``, with or without gzip); scalars and string data,
 which HDF5 cannot filter, carry a CRC-32 of their bytes in the dataset attribute ``crc32``.  The
 file is written with ``libver="latest"``, whose superblock, object headers (attributes
@@ -198,6 +199,7 @@ class ShardWriter:
         f, self._f = self._f, None
         if exc_type is None:
             try:
+                f.attrs["attrs_crc32"] = attrs_crc(f)
                 f.attrs["complete"] = True
                 f.flush()
                 image = f.id.get_file_image()
@@ -218,6 +220,34 @@ class ShardWriter:
         if self._ctx.__exit__(exc_type, exc, tb):
             return True
         raise exc
+
+
+_UNSIGNED_ATTRS = ("complete", "attrs_crc32")
+
+
+def _attr_text(v: Any) -> str:
+    v = _attr(v)
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    return repr(v)
+
+
+def attrs_crc(f: h5py.File) -> int:
+    """CRC-32 over every attribute of the file, its groups and datasets (names and values).
+
+    HDF5 checksums object headers but not the fractal heap where a group with many attributes
+    keeps them ("dense" storage, e.g. a shard's root provenance), so a flipped bit there would be
+    read as a different model name, hook or checkpoint path; this digest closes that gap."""
+    parts: list[str] = []
+
+    def add(name: str, obj: Any) -> None:
+        for k in sorted(obj.attrs.keys()):
+            if not (name == "/" and k in _UNSIGNED_ATTRS):
+                parts.append(f"{name}\x00{k}\x00{_attr_text(obj.attrs[k])}")
+
+    add("/", f)
+    f.visititems(lambda n, o: add(n, o))
+    return zlib.crc32("\x01".join(parts).encode())
 
 
 def payload_crc(arr: np.ndarray) -> int:
@@ -262,12 +292,17 @@ class Shard:
                         self.group_attrs[name] = {k: _attr(v) for k, v in obj.attrs.items()}
 
                 f.visititems(visit)
-        except (OSError, KeyError, ValueError, RuntimeError) as e:
+                if "attrs_crc32" in f.attrs and int(f.attrs["attrs_crc32"]) != attrs_crc(f):
+                    raise ValueError("checksum mismatch in the attributes (provenance or group metadata)")
+                has_attrs_crc = "attrs_crc32" in f.attrs
+        except (OSError, KeyError, ValueError, RuntimeError, UnicodeDecodeError) as e:
             raise ShardError(f"{self.path}: corrupt or unreadable HDF5 ({e.__class__.__name__}: {e})") from None
         if not self.attrs.get("complete"):
             raise ShardError(f"{self.path}: incomplete shard (no 'complete' mark)")
         if self.attrs.get("format_version") != FORMAT_VERSION:
             raise ShardError(f"{self.path}: format version {self.attrs.get('format_version')!r}, expected {FORMAT_VERSION}")
+        if not has_attrs_crc:
+            unchecked.insert(0, "(attributes)")
         if unchecked:
             raise ShardError(f"{self.path}: dataset(s) without a checksum: {', '.join(unchecked[:5])}"
                              f"{' ...' if len(unchecked) > 5 else ''}")
