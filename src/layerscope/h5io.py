@@ -233,21 +233,22 @@ def _attr_text(v: Any) -> str:
 
 
 def attrs_crc(f: h5py.File) -> int:
-    """CRC-32 over every attribute of the file, its groups and datasets (names and values).
+    """CRC-32 over every attribute of the file and its groups (names and values; the merge reads
+    no dataset attribute but ``crc32``, which verifies itself against the payload).
 
     HDF5 checksums object headers but not the fractal heap where a group with many attributes
     keeps them ("dense" storage, e.g. a shard's root provenance), so a flipped bit there would be
     read as a different model name, hook or checkpoint path; this digest closes that gap."""
     parts: list[str] = []
-
-    def add(name: str, obj: Any) -> None:
-        for k in sorted(obj.attrs.keys()):
-            if not (name == "/" and k in _UNSIGNED_ATTRS):
-                parts.append(f"{name}\x00{k}\x00{_attr_text(obj.attrs[k])}")
-
-    add("/", f)
-    f.visititems(lambda n, o: add(n, o))
+    _attr_parts(parts, "/", dict(f.attrs.items()))
+    f.visititems(lambda n, o: _attr_parts(parts, n, dict(o.attrs.items())) if isinstance(o, h5py.Group) else None)
     return zlib.crc32("\x01".join(parts).encode())
+
+
+def _attr_parts(parts: list[str], name: str, attrs: Mapping[str, Any]) -> None:
+    for k in sorted(attrs):
+        if not (name == "/" and k in _UNSIGNED_ATTRS):
+            parts.append(f"{name}\x00{k}\x00{_attr_text(attrs[k])}")
 
 
 def payload_crc(arr: np.ndarray) -> int:
@@ -278,23 +279,31 @@ class Shard:
                 self.group_attrs: dict[str, dict[str, Any]] = {}
 
                 unchecked: list[str] = []
+                parts: list[str] = []  # for the attribute CRC, collected in the same single pass
+                root_attrs = dict(f.attrs.items())
+                _attr_parts(parts, "/", root_attrs)
+
                 def visit(name: str, obj: Any) -> None:
                     if isinstance(obj, h5py.Dataset):
                         parent, _, leaf = name.rpartition("/")
                         value = obj[()]  # Fletcher-32 is verified here: a mismatch raises OSError
                         if not obj.fletcher32:
-                            if "crc32" not in obj.attrs:
+                            attrs = dict(obj.attrs.items())
+                            if "crc32" not in attrs:
                                 unchecked.append(name)
-                            elif int(obj.attrs["crc32"]) != payload_crc(np.asarray(value)):
+                            elif int(attrs["crc32"]) != payload_crc(np.asarray(value)):
                                 raise ValueError(f"checksum mismatch in dataset {name}")
                         self.groups.setdefault(parent, {})[leaf] = value
-                    elif isinstance(obj, h5py.Group) and len(obj.attrs):
-                        self.group_attrs[name] = {k: _attr(v) for k, v in obj.attrs.items()}
+                    else:
+                        attrs = dict(obj.attrs.items()) if len(obj.attrs) else {}  # len: no attribute iteration
+                        _attr_parts(parts, name, attrs)
+                        if attrs:
+                            self.group_attrs[name] = {k: _attr(v) for k, v in attrs.items()}
 
                 f.visititems(visit)
-                if "attrs_crc32" in f.attrs and int(f.attrs["attrs_crc32"]) != attrs_crc(f):
+                has_attrs_crc = "attrs_crc32" in root_attrs
+                if has_attrs_crc and int(root_attrs["attrs_crc32"]) != zlib.crc32("\x01".join(parts).encode()):
                     raise ValueError("checksum mismatch in the attributes (provenance or group metadata)")
-                has_attrs_crc = "attrs_crc32" in f.attrs
         except (OSError, KeyError, ValueError, RuntimeError, UnicodeDecodeError) as e:
             raise ShardError(f"{self.path}: corrupt or unreadable HDF5 ({e.__class__.__name__}: {e})") from None
         if not self.attrs.get("complete"):
