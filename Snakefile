@@ -24,3 +24,15 @@ rule all:
     default_target: True
     input:
         PLAN.targets(),
+        # the tables too: as mere intermediates of newer figures, missing tables would not be rebuilt
+        all_tables(),
+
+
+# The run's console summary: non-finite activations counted in any table (the merge's warning
+# goes to its log only, which Snakemake does not show).
+onsuccess:
+    print_nonfinite_summary()
+
+
+onerror:
+    print_nonfinite_summary()

@@ -156,3 +156,27 @@ def test_fused_summary_equals_separate_statistics(dtype):
     x[0, 0] = float("nan")
     mom, hist, _ = summarize(x, sid, tok, 8)
     assert mom.nonfinite[0] == 1 and mom.nonfinite.sum() == 1 and hist.total == x.numel() - 1
+
+
+@pytest.mark.parametrize("scale", [1e37, 3.0e38, 1e-38])
+def test_moments_near_float32_limits_match_numpy_float64(scale):
+    """Finite float32 values near the type's limits: the float32 sum/squares overflow (or lose
+    everything to underflow), the statistics must not. Reference: numpy in float64 on the same data."""
+    rng = np.random.default_rng(7)
+    x32 = (rng.uniform(-1.0, 1.0, size=(40, 6)) * scale).astype(np.float32)
+    x32[0, 0] = np.float32(scale)  # one channel at the scale itself
+    assert np.isfinite(x32).all()
+    ref = x32.astype(np.float64)
+    want_mean, want_std = ref.mean(axis=0), ref.std(axis=0)
+    from layerscope.stats import summarize
+
+    for m in (Moments.from_tensor(torch.from_numpy(x32)),
+              summarize(torch.from_numpy(x32), np.zeros(40, np.int64), np.arange(40), 3)[0]):
+        assert (m.nonfinite == 0).all() and (m.count == 40).all()
+        assert np.isfinite(m.mean).all() and np.isfinite(m.std).all()
+        np.testing.assert_allclose(m.mean, want_mean, rtol=1e-5, atol=1e-6 * scale)
+        np.testing.assert_allclose(m.std, want_std, rtol=1e-5)
+        np.testing.assert_array_equal(m.max_abs, np.abs(ref).max(axis=0))
+    # and shards of such data merge to the one-pass value
+    a, b = Moments.from_tensor(torch.from_numpy(x32[:13])), Moments.from_tensor(torch.from_numpy(x32[13:]))
+    np.testing.assert_allclose(a.merge(b).std, want_std, rtol=1e-6)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -145,6 +146,11 @@ def build_index(name: str, ds: Mapping[str, Any], out: str | Path) -> Path:
         w.writerow(["image_id", "path", "caption"])
         for i, (p, c) in enumerate(rows):
             w.writerow([i, p, c])
+    # the digest of the index *and every image's bytes*, computed once here (shards only read it)
+    dig = out.with_name(out.name + DIGEST_SUFFIX)
+    dig_tmp = out.with_name(f".partial-{dig.name}")
+    dig_tmp.write_text(json.dumps({"index_sha256": _sha256_file(tmp), "digest": _content_digest(tmp)}) + "\n")
+    dig_tmp.replace(dig)
     tmp.replace(out)
     return out
 
@@ -160,8 +166,80 @@ def read_index(path: str | Path) -> list[Record]:
     return [Record(int(r["image_id"]), r["path"], r["caption"] or "") for r in rows]
 
 
+DIGEST_SUFFIX = ".digest"  # sidecar of index.tsv: {"index_sha256": ..., "digest": ...}
+
+
+def _sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _content_digest(index: str | Path) -> str:
+    """sha256 over the index bytes and the bytes of every image it lists, in index order."""
+    h = hashlib.sha256(Path(index).read_bytes())
+    for rec in read_index(index):
+        try:
+            h.update(_sha256_file(rec.path).encode())
+        except OSError as e:
+            raise DataError(f"{index}: image {rec.path} cannot be read ({e.strerror or e})") from None
+    return h.hexdigest()[:16]
+
+
 def index_digest(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    """The data digest every shard records: the index *and the image bytes* it lists, so shards
+    that saw a changed image are refused next to shards that saw the new one.  Read from the
+    sidecar ``index.tsv.digest`` that :func:`build_index` writes (valid while the index bytes
+    match it); computed over all images when the sidecar is missing or stale."""
+    path = Path(path)
+    side = path.with_name(path.name + DIGEST_SUFFIX)
+    try:
+        rec = json.loads(side.read_text())
+        if rec.get("index_sha256") == _sha256_file(path) and rec.get("digest"):
+            return str(rec["digest"])
+    except (OSError, ValueError, AttributeError):
+        pass
+    return _content_digest(path)
+
+
+def content_fingerprint(name: str, ds: Mapping[str, Any]) -> str:
+    """A cheap fingerprint of what a dataset's index would be built from: the folder's listing
+    with every image's size and mtime (or the list file's bytes and its images' size and mtime).
+    The ``dataset_index`` rule takes it as a param, so adding, removing or changing an image
+    changes a param and Snakemake rebuilds the index - and, through it, exactly the shards that
+    read this dataset.  Stats only (no image is read), so a dry run stays fast."""
+    h = hashlib.sha256(f"{ds.get('kind')}\n".encode())
+
+    def add_file(p: Path) -> None:
+        try:
+            st = p.stat()
+            h.update(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\tmissing\n".encode())
+
+    kind = ds.get("kind")
+    if kind == "skimage":
+        from importlib.metadata import version
+
+        h.update(version("scikit-image").encode())
+    elif kind == "folder":
+        root = Path(ds["path"])
+        if root.is_dir():
+            for p in sorted(q for q in root.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES):
+                add_file(p)
+        if ds.get("captions"):
+            add_file(Path(ds["captions"]))
+    elif kind == "list":
+        lst = Path(ds["path"])
+        add_file(lst)
+        if lst.is_file():
+            for line in lst.read_text().splitlines():
+                if line.strip() and not line.startswith("#"):
+                    p = Path(line.partition("\t")[0])
+                    add_file(p if p.is_absolute() else lst.parent / p)
+    return h.hexdigest()[:16]
 
 
 def load_image(path: str | Path, size: int) -> Image.Image:

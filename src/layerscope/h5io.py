@@ -8,6 +8,14 @@ Layout (format version 1; see docs/shard-format.md):
     /<group path>/<dataset> arrays written by the probe, e.g.
     /stats/blocks.3.hook_resid_post/patch/{count,mean,m2,max_abs,nonfinite,hist,topk_*}
 
+Every dataset carries a checksum, verified whenever it is read (and all attributes one CRC-32,
+root attribute ``attrs_crc32``, because HDF5 leaves dense attribute storage unchecksummed): arrays are stored chunked with
+HDF5's Fletcher-32 filter (``fletcher32=True``, with or without gzip); scalars and string data,
+which HDF5 cannot filter, carry a CRC-32 of their bytes in the dataset attribute ``crc32``.  The
+file is written with ``libver="latest"``, whose superblock, object headers (attributes
+included) and heaps carry HDF5's own metadata checksums, so a flipped bit anywhere that holds
+information is refused as corrupt rather than read as a number.
+
 Writes are atomic: the file is built under a hidden temporary name in the same directory and
 renamed into place only after it is complete and closed.  A failed or killed job (SIGTERM from
 Snakemake or ``scancel``) removes its temporary file; a SIGKILL can leave one behind, but never a
@@ -17,6 +25,9 @@ file at the output path, and the next attempt cleans stale temporaries of the sa
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import re
+import zlib
 import glob
 import json
 import os
@@ -29,13 +40,13 @@ from typing import Any, Iterator, Mapping
 import h5py
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every dataset checksummed (format 1 had none)
 TMP_PREFIX = ".partial-"
 
 __all__ = ["FORMAT_VERSION", "ShardWriter", "Shard", "ShardError", "package_versions", "atomic_path", "rerun_command"]
 
 
-from layerscope.errors import ShardError  # noqa: E402  (re-exported)
+from layerscope.errors import ShardError, WriteError  # noqa: E402  (re-exported)
 
 
 def rerun_command(paths: list[str] | list[Path]) -> str:
@@ -90,17 +101,45 @@ def _terminate_as_exception() -> Iterator[None]:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(path)
     tmp = _tmp_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale(path)
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {_os_cause(e)}") from None
     with _terminate_as_exception():
         try:
             yield tmp
             os.replace(tmp, path)
-        except BaseException:
-            if tmp.exists():
-                tmp.unlink()
+        except BaseException as e:
+            try:
+                if tmp.exists():
+                    tmp.unlink()
+            except OSError:
+                pass
+            cause = _write_cause(e)
+            if cause is not None:  # disk full, quota, permissions, I/O error: one line, no traceback
+                raise WriteError(f"cannot write {path}: {cause}; the partial file was removed, rerun the job") from None
             raise
+
+
+def _os_cause(e: OSError) -> str:
+    return os.strerror(e.errno) + f" [{errno.errorcode.get(e.errno, e.errno)}]" if e.errno else str(e)
+
+
+def _write_cause(e: BaseException) -> str | None:
+    """The OS cause of a failed write, if ``e`` is one (h5py reports ENOSPC as a generic OSError
+    or RuntimeError whose message carries 'errno = 28'); None for anything else (a bug, SIGTERM)."""
+    if isinstance(e, WriteError):
+        return str(e).split(": ", 1)[-1]
+    if isinstance(e, OSError) and e.errno:
+        return _os_cause(e)
+    if isinstance(e, (OSError, RuntimeError)):
+        m = re.search(r"errno = (\d+)", str(e))
+        if m and int(m.group(1)):
+            n = int(m.group(1))
+            return os.strerror(n) + f" [{errno.errorcode.get(n, n)}]"
+    return None
 
 
 class ShardWriter:
@@ -118,8 +157,12 @@ class ShardWriter:
 
     def __enter__(self) -> "ShardWriter":
         self._ctx = atomic_path(self.path)
-        tmp = self._ctx.__enter__()
-        self._f = h5py.File(tmp, "w")
+        tmp = self._ctx_tmp = self._ctx.__enter__()
+        # Built in memory, written to disk in one plain write: HDF5 reports a failed write (ENOSPC)
+        # while it closes objects only as an ignored exception in a destructor, and a file whose
+        # write failed can crash h5py when closed; Python's own write raises a clean OSError.
+        self._f = h5py.File(f"{tmp.name}-{id(self)}", "w", driver="core", backing_store=False,
+                            libver="latest")  # libver latest: checksummed metadata
         for key, value in self.provenance.items():
             self._f.attrs[key] = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
         self._f.attrs["format_version"] = FORMAT_VERSION
@@ -140,20 +183,80 @@ class ShardWriter:
         g = self.file.require_group(group)
         for name, arr in arrays.items():
             arr = np.asarray(arr)
-            kw = {"compression": "gzip", "compression_opts": 4, "chunks": True} if compress and arr.size > 1024 else {}
+            if arr.ndim == 0 or arr.dtype.kind in "OSU":  # HDF5 cannot filter these: CRC in an attribute
+                ds = g.create_dataset(name, data=arr)
+                ds.attrs["crc32"] = payload_crc(arr)
+                continue
+            kw: dict[str, Any] = {"fletcher32": True, "chunks": True}
+            if compress and arr.size > 1024:
+                kw.update(compression="gzip", compression_opts=4)
             g.create_dataset(name, data=arr, **kw)
         for k, v in (attrs or {}).items():
             g.attrs[k] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         assert self._f is not None and self._ctx is not None
-        try:
-            if exc_type is None:
-                self._f.attrs["complete"] = True
-            self._f.close()
-        finally:
-            self._f = None
-        return bool(self._ctx.__exit__(exc_type, exc, tb))
+        f, self._f = self._f, None
+        if exc_type is None:
+            try:
+                f.attrs["attrs_crc32"] = attrs_crc(f)
+                f.attrs["complete"] = True
+                f.flush()
+                image = f.id.get_file_image()
+                f.close()
+                with open(self._ctx_tmp, "wb") as out:
+                    out.write(image)
+                    out.flush()
+                    os.fsync(out.fileno())
+                del image
+                Shard(self._ctx_tmp)  # read back (checksums included) before it takes the output's name
+            except BaseException as e:
+                exc_type, exc, tb = type(e), e, e.__traceback__
+        else:
+            f.close()
+        if exc is None:
+            self._ctx.__exit__(None, None, None)
+            return False
+        if self._ctx.__exit__(exc_type, exc, tb):
+            return True
+        raise exc
+
+
+_UNSIGNED_ATTRS = ("complete", "attrs_crc32")
+
+
+def _attr_text(v: Any) -> str:
+    v = _attr(v)
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    return repr(v)
+
+
+def attrs_crc(f: h5py.File) -> int:
+    """CRC-32 over every attribute of the file and its groups (names and values; the merge reads
+    no dataset attribute but ``crc32``, which verifies itself against the payload).
+
+    HDF5 checksums object headers but not the fractal heap where a group with many attributes
+    keeps them ("dense" storage, e.g. a shard's root provenance), so a flipped bit there would be
+    read as a different model name, hook or checkpoint path; this digest closes that gap."""
+    parts: list[str] = []
+    _attr_parts(parts, "/", dict(f.attrs.items()))
+    f.visititems(lambda n, o: _attr_parts(parts, n, dict(o.attrs.items())) if isinstance(o, h5py.Group) else None)
+    return zlib.crc32("\x01".join(parts).encode())
+
+
+def _attr_parts(parts: list[str], name: str, attrs: Mapping[str, Any]) -> None:
+    for k in sorted(attrs):
+        if not (name == "/" and k in _UNSIGNED_ATTRS):
+            parts.append(f"{name}\x00{k}\x00{_attr_text(attrs[k])}")
+
+
+def payload_crc(arr: np.ndarray) -> int:
+    """CRC-32 of an array's dtype, shape and bytes (for datasets HDF5 cannot checksum itself)."""
+    arr = np.asarray(arr)
+    head = f"{arr.dtype.str}{arr.shape}".encode()
+    body = "\x00".join(map(str, arr.ravel().tolist())).encode() if arr.dtype.kind in "OSU" else arr.tobytes()
+    return zlib.crc32(head + body)
 
 
 def _attr(v: Any) -> Any:
@@ -175,20 +278,43 @@ class Shard:
                 self.groups: dict[str, dict[str, np.ndarray]] = {}
                 self.group_attrs: dict[str, dict[str, Any]] = {}
 
+                unchecked: list[str] = []
+                parts: list[str] = []  # for the attribute CRC, collected in the same single pass
+                root_attrs = dict(f.attrs.items())
+                _attr_parts(parts, "/", root_attrs)
+
                 def visit(name: str, obj: Any) -> None:
                     if isinstance(obj, h5py.Dataset):
                         parent, _, leaf = name.rpartition("/")
-                        self.groups.setdefault(parent, {})[leaf] = obj[()]
-                    elif isinstance(obj, h5py.Group) and len(obj.attrs):
-                        self.group_attrs[name] = {k: _attr(v) for k, v in obj.attrs.items()}
+                        value = obj[()]  # Fletcher-32 is verified here: a mismatch raises OSError
+                        if not obj.fletcher32:
+                            attrs = dict(obj.attrs.items())
+                            if "crc32" not in attrs:
+                                unchecked.append(name)
+                            elif int(attrs["crc32"]) != payload_crc(np.asarray(value)):
+                                raise ValueError(f"checksum mismatch in dataset {name}")
+                        self.groups.setdefault(parent, {})[leaf] = value
+                    else:
+                        attrs = dict(obj.attrs.items()) if len(obj.attrs) else {}  # len: no attribute iteration
+                        _attr_parts(parts, name, attrs)
+                        if attrs:
+                            self.group_attrs[name] = {k: _attr(v) for k, v in attrs.items()}
 
                 f.visititems(visit)
-        except (OSError, KeyError, ValueError, RuntimeError) as e:
+                has_attrs_crc = "attrs_crc32" in root_attrs
+                if has_attrs_crc and int(root_attrs["attrs_crc32"]) != zlib.crc32("\x01".join(parts).encode()):
+                    raise ValueError("checksum mismatch in the attributes (provenance or group metadata)")
+        except (OSError, KeyError, ValueError, RuntimeError, UnicodeDecodeError) as e:
             raise ShardError(f"{self.path}: corrupt or unreadable HDF5 ({e.__class__.__name__}: {e})") from None
         if not self.attrs.get("complete"):
             raise ShardError(f"{self.path}: incomplete shard (no 'complete' mark)")
         if self.attrs.get("format_version") != FORMAT_VERSION:
             raise ShardError(f"{self.path}: format version {self.attrs.get('format_version')!r}, expected {FORMAT_VERSION}")
+        if not has_attrs_crc:
+            unchecked.insert(0, "(attributes)")
+        if unchecked:
+            raise ShardError(f"{self.path}: dataset(s) without a checksum: {', '.join(unchecked[:5])}"
+                             f"{' ...' if len(unchecked) > 5 else ''}")
 
     def json_attr(self, key: str) -> Any:
         return json.loads(self.attrs[key])

@@ -9,15 +9,133 @@ Its error names the command that rebuilds the bad shards.
 from __future__ import annotations
 
 import logging
+import re
+import sys
 from pathlib import Path
 from typing import Iterable
+
+import numpy as np
 
 from layerscope.h5io import Shard, ShardError, atomic_path, rerun_command
 from layerscope.plan import parse_shard_label
 from layerscope.probes import get_probe
-from layerscope.probes.base import parse_slice
+from layerscope.probes.base import Probe, parse_slice
 
 log = logging.getLogger("layerscope.merge")
+
+
+_FLOAT_KINDS = {"mean", "m2", "max_abs", "finite", "metric", "float", "max"}
+_INT_KINDS = {"count", "index", "int", "hist"}
+
+
+def _check_kind(name: str, arr: np.ndarray, kind: str) -> str | None:
+    """Why ``arr`` is not a valid stored ``kind`` (see GroupLayout), or None."""
+    a = np.asarray(arr)
+    if kind in _FLOAT_KINDS and a.dtype.kind != "f":
+        return f"dataset {name} has dtype {a.dtype}, expected a float"
+    if kind in _INT_KINDS and a.dtype.kind not in "iu":
+        return f"dataset {name} has dtype {a.dtype}, expected an integer"
+    if kind == "bool" and a.dtype.kind != "b":
+        return f"dataset {name} has dtype {a.dtype}, expected bool"
+    if kind == "uint8" and a.dtype != np.uint8:
+        return f"dataset {name} has dtype {a.dtype}, expected uint8"
+    if kind in ("count", "index", "hist") and a.size and int(a.min()) < 0:
+        return f"dataset {name} holds a negative count ({int(a.min())})"
+    if kind in ("mean", "m2", "max_abs", "finite"):
+        bad = ~np.isfinite(a)
+        if bad.any():
+            return f"dataset {name} holds {int(bad.sum())} non-finite stored value(s) (e.g. {a[bad].ravel()[0]})"
+    if kind in ("m2", "max_abs") and a.size and float(a.min()) < 0:
+        return f"dataset {name} holds a negative value ({float(a.min())}) where only >= 0 is possible"
+    if kind == "metric" and np.isinf(a).any():
+        return f"dataset {name} holds {int(np.isinf(a).sum())} infinite value(s)"
+    if kind == "max" and (np.isnan(a).any() or np.isposinf(a).any()):
+        return f"dataset {name} holds NaN or +inf"
+    return None
+
+
+def _check_moments(d: dict[str, np.ndarray]) -> str | None:
+    """Relations every stored Moments record satisfies (see stats.Moments)."""
+    n, mean, m2, mx = (np.asarray(d[k]) for k in ("count", "mean", "m2", "max_abs"))
+    if not (n.shape == mean.shape == m2.shape == mx.shape and (("nonfinite" not in d) or np.shape(d["nonfinite"]) == n.shape)):
+        return f"moments of different shapes (count {n.shape}, mean {mean.shape}, m2 {m2.shape}, max_abs {mx.shape})"
+    tol = 1e-9
+    if (np.abs(mean) > mx * (1 + tol) + 1e-300).any():
+        c = int(np.argmax(np.abs(mean) - mx))
+        return f"channel {c}: |mean| {abs(float(mean.ravel()[c]))} exceeds max_abs {float(mx.ravel()[c])}"
+    if (m2 > n * mx.astype(np.float64) ** 2 * (1 + tol) + 1e-300).any():
+        c = int(np.argmax(m2 - n * mx.astype(np.float64) ** 2))
+        return f"channel {c}: m2 {float(m2.ravel()[c])} exceeds count * max_abs**2 (impossible)"
+    empty = n == 0
+    if (empty & ((mean != 0) | (m2 != 0) | (mx != 0))).any():
+        return "a channel with count 0 has non-zero moments"
+    if "hist" in d and int(np.asarray(d["hist"]).sum()) != int(n.sum()):
+        return f"hist holds {int(np.asarray(d['hist']).sum())} values but count sums to {int(n.sum())}"
+    if "topk_value" in d and len(d["topk_value"]):
+        tv = np.asarray(d["topk_value"])
+        if float(tv.max()) > float(mx.max(initial=0.0)) * (1 + tol):
+            return f"top-k value {float(tv.max())} exceeds every channel's max_abs"
+        if "topk_channel" in d and (np.asarray(d["topk_channel"]) >= n.shape[-1]).any():
+            return "top-k channel index out of range"
+    return None
+
+
+def check_layout(sh: Shard, probe: Probe) -> list[str]:
+    """Everything wrong with one shard's structure and stored values, checked against the probe's
+    declared layout before any number is merged; [] when it is sound."""
+    why: list[str] = []
+    matched: dict[int, int] = {}
+    for g, d in sh.groups.items():
+        for i, gl in enumerate(probe.layout):
+            if re.fullmatch(gl.pattern, g):
+                matched[i] = matched.get(i, 0) + 1
+                for name, kind in gl.datasets.items():
+                    optional = kind.endswith("?")
+                    kind = kind.rstrip("?")
+                    if name not in d:
+                        if not optional:
+                            why.append(f"group {g}: dataset {name} is missing")
+                        continue
+                    w = _check_kind(name, d[name], kind)
+                    if w:
+                        why.append(f"group {g}: {w}")
+                for a in gl.attrs:
+                    if a not in sh.group_attrs.get(g, {}):
+                        why.append(f"group {g}: attribute {a} is missing")
+                if {"count", "mean", "m2", "max_abs"} <= set(d) and not why:
+                    w = _check_moments(d)
+                    if w:
+                        why.append(f"group {g}: {w}")
+                break
+    for i, gl in enumerate(probe.layout):
+        if matched.get(i, 0) < gl.min_groups:
+            why.append(f"no group matching {gl.pattern} (expected at least {gl.min_groups})")
+    try:
+        expected = probe.expected_groups(sh)
+    except (KeyError, ValueError, TypeError) as e:
+        expected = None
+        why.append(f"attributes that define its layout are missing or malformed ({e.__class__.__name__}: {e})")
+    if expected is not None:
+        missing = [g for g in expected if g not in sh.groups]
+        if missing:
+            why.append(f"{len(missing)} group(s) missing: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    return why
+
+
+def _group_set_mismatch(shards: list[Shard], probe: Probe) -> list[tuple[Path, str]]:
+    """Shards that agree on the probe's ``layout_varies_with`` axes must hold the same groups."""
+    by_key: dict[tuple, list[Shard]] = {}
+    for sh in shards:
+        by_key.setdefault(tuple(sh.axes.get(a) for a in probe.layout_varies_with), []).append(sh)
+    out = []
+    for group in by_key.values():
+        union = set().union(*(set(sh.groups) for sh in group))
+        for sh in group:
+            missing = sorted(union - set(sh.groups))
+            if missing:
+                out.append((sh.path, f"{len(missing)} group(s) that other shards hold are missing: "
+                                     f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}"))
+    return out
 
 
 def load_shards(paths: Iterable[str | Path], probe: str, model: str, expect_hash: str | None = None) -> list[Shard]:
@@ -47,10 +165,14 @@ def load_shards(paths: Iterable[str | Path], probe: str, model: str, expect_hash
             why.append(str(e))
         if expect_hash and sh.attrs.get("config_hash") != expect_hash:
             why.append(f"config hash {sh.attrs.get('config_hash')} differs from the current config's {expect_hash} (stale or foreign shard)")
+        if not why:
+            why += check_layout(sh, p)
         if why:
             problems.append((path, "; ".join(why)))
         else:
             shards.append(sh)
+    if not problems:
+        problems += _group_set_mismatch(shards, p)
     if not problems:
         digests = {sh.attrs.get("data_digest") for sh in shards}
         if len(digests) > 1:
@@ -86,12 +208,41 @@ def merge_to_tables(probe: str, model: str, paths: Iterable[str | Path], out_dir
     for name in p.tables:
         df = tables[name]
         if "nonfinite" in df.columns and len(df) and df["nonfinite"].sum() > 0:
-            log.warning("%s/%s table %s: %d non-finite values were excluded from the statistics (column 'nonfinite')",
-                        probe, model, name, int(df["nonfinite"].sum()))
+            msg = (f"{probe}/{model} table {name}: {int(df['nonfinite'].sum())} non-finite values were excluded "
+                   f"from the statistics (column 'nonfinite')")
+            log.warning(msg)
+            print(f"layerscope: warning: {msg}", file=sys.stderr)
         with atomic_path(out_dir / f"{name}.csv") as tmp:
             df.to_csv(tmp, index=False)
         written.append(out_dir / f"{name}.csv")
     return written
+
+
+def nonfinite_summary(table_paths: Iterable[str | Path]) -> list[str]:
+    """One line per existing table with non-finite activations counted in its ``nonfinite``
+    column: what the Snakefile's onsuccess/onerror handler prints on the console at the end of
+    every run (the merge rule's own warning goes to its log only). Plain csv: no pandas needed."""
+    import csv
+
+    lines = []
+    for t in table_paths:
+        t = Path(t)
+        if not t.is_file():
+            continue
+        with open(t, newline="") as f:
+            r = csv.DictReader(f)
+            if not r.fieldnames or "nonfinite" not in r.fieldnames:
+                continue
+            total = 0
+            for row in r:
+                try:
+                    total += int(float(row["nonfinite"] or 0))
+                except ValueError:
+                    continue
+        if total:
+            lines.append(f"layerscope: warning: {t}: {total} non-finite activation value(s) counted and excluded "
+                         f"from the statistics (column 'nonfinite'; marked in the figures)")
+    return lines
 
 
 def plot_from_tables(probe: str, table_dirs: Iterable[str | Path], fig_dir: str | Path, caption: str = "") -> list[Path]:

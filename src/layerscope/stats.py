@@ -42,6 +42,21 @@ def _as_np(x: "torch.Tensor") -> np.ndarray:
     return x.detach().to("cpu").numpy()
 
 
+# Below this magnitude the float32 squares of a channel lose their digits to underflow (the
+# smallest normal float32 is 2**-126), above it M2 is checked for overflow directly.
+_TINY = 2.0**-55
+
+
+def _needs_float64(m2: "torch.Tensor", max_abs: "torch.Tensor") -> bool:
+    """Whether a fast-path (input precision) M2 cannot be trusted: it overflowed, or a channel's
+    values are so small that their squares underflow. Two reductions over [C] vectors: free."""
+    import torch
+
+    if m2.dtype == torch.float64:
+        return not bool(torch.isfinite(m2).all())
+    return not bool(torch.isfinite(m2).all()) or bool(((max_abs > 0) & (max_abs < _TINY)).any())
+
+
 @dataclass
 class Moments:
     """Per-channel moments of a [N, C] stream of values (rows are tokens, columns channels)."""
@@ -111,8 +126,11 @@ class Moments:
     def from_tensor(cls, x: "torch.Tensor") -> "Moments":
         """Moments of a [N, C] tensor, reduced on its device.
 
-        Fast path: if the float32 sum is finite every value is finite, and mean/M2 come from two
-        passes.  Otherwise non-finite values are masked out and counted per channel.
+        Fast path: if the float32 sum and M2 are finite every value is finite, and mean/M2 come
+        from two passes in the input's precision.  Otherwise (a NaN/Inf, or finite values so large
+        that the float32 sum or squares overflow, e.g. |x| ~ 1e37) the slow path works in float64,
+        where no finite float32 input can overflow (|x - mean|**2 * N < 1e78 * N), masks
+        non-finite values out and counts them per channel.
         """
         import torch
 
@@ -120,10 +138,13 @@ class Moments:
         x = x if x.dtype in (torch.float32, torch.float64) else x.float()  # half precision -> fp32
         n, c = x.shape
         s = x.sum(dim=0)
-        if bool(torch.isfinite(s).all()):
+        fast = bool(torch.isfinite(s).all())
+        if fast:
             mean = s / max(n, 1)
             m2 = ((x - mean) ** 2).sum(dim=0)
             max_abs = x.abs().amax(dim=0) if n else torch.zeros(c, device=x.device, dtype=x.dtype)
+            fast = not _needs_float64(m2, max_abs)
+        if fast:
             return cls(
                 np.full(c, n, dtype=np.int64),  # all finite
                 _as_np(mean).astype(np.float64),
@@ -364,6 +385,9 @@ def summarize(x: "torch.Tensor", sample_ids: np.ndarray, token_ids: np.ndarray, 
     del d
     a = x.abs()
     max_abs = a.amax(dim=0)
+    if _needs_float64(m2, max_abs):  # finite values whose float32 squares overflow or underflow
+        del a
+        return (Moments.from_tensor(x), MagnitudeHistogram.from_tensor(x), TopK.from_tensor(x, sample_ids, token_ids, k))
     mom = Moments(np.full(c, n, dtype=np.int64), _as_np(mean).astype(np.float64),
                   _as_np(m2).astype(np.float64), _as_np(max_abs).astype(np.float64), np.zeros(c, dtype=np.int64))
     if c >= k:

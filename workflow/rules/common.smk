@@ -162,3 +162,23 @@ def extra_outputs(probe, impl):
     for name, tmpl in impl.extra_outputs(config["probes"][probe]).items():
         out[name] = directory(tmpl[:-1]) if tmpl.endswith("/") else tmpl
     return out
+
+
+def dataset_fingerprint(name):
+    """Listing + size + mtime of a dataset's images (a param of dataset_index: a changed or added
+    image reruns the index and the shards that read it)."""
+    from layerscope.data import content_fingerprint  # here, not at the top: the Snakefile stays light
+
+    return content_fingerprint(name, PLAN.dataset(name))
+
+
+def all_tables():
+    return [t for p in PLAN.probes for m in PLAN.models_of(p) for t in PLAN.table_paths(p, m)]
+
+
+def print_nonfinite_summary():
+    """Console lines for tables that counted non-finite activations (end of every run)."""
+    from layerscope.merge import nonfinite_summary
+
+    for line in nonfinite_summary(all_tables()):
+        print(line, file=sys.stderr)

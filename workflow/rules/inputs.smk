@@ -37,5 +37,8 @@ rule dataset_index:
         runtime=scaled(10),
     params:
         spec=lambda w: json.dumps(PLAN.dataset(w.dataset)),
+        # listing + size + mtime of every image: adding or changing an image changes this param,
+        # so the index (and the shards that read it) rerun; the index's digest covers image bytes
+        content=lambda w: dataset_fingerprint(w.dataset),
     shell:
         "layerscope dataset-index --name {wildcards.dataset:q} --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"

@@ -89,6 +89,35 @@ class ShardSpec:
         return recs[lo:hi]
 
 
+@dataclass(frozen=True)
+class GroupLayout:
+    """What every shard group whose path fully matches ``pattern`` (a regex) must hold.
+
+    ``datasets`` maps a dataset name to its *kind* (a trailing ``?`` marks it optional); the merge
+    checks kinds before any number is read (see :func:`layerscope.merge.check_layout`):
+
+    ``count``     integer dtype, >= 0              ``index``   integer dtype, >= 0
+    ``mean``      float, finite                    ``m2``      float, finite, >= 0
+    ``max_abs``   float, finite, >= 0              ``finite``  float, finite
+    ``metric``    float; NaN allowed, never +-inf  ``float``   float dtype (losses: NaN/inf are data)
+    ``int``       integer dtype                    ``bool``    bool dtype
+    ``uint8``     uint8 dtype (images)             ``hist``    integer dtype, >= 0 (sums to sum(count))
+
+    A group with count/mean/m2/max_abs is a :class:`~layerscope.stats.Moments` record and its
+    relations are checked too: equal shapes, max_abs >= |mean|, m2 <= count * max_abs**2, and an
+    empty channel (count 0) all zero. ``attrs`` are group attributes the merge reads.
+    ``min_groups`` groups at least must match (0: the group is optional).
+    """
+
+    pattern: str
+    datasets: Mapping[str, str]
+    attrs: tuple[str, ...] = ()
+    min_groups: int = 1
+
+
+MOMENTS_LAYOUT: dict[str, str] = {"count": "count", "mean": "mean", "m2": "m2", "max_abs": "max_abs", "nonfinite": "count"}
+
+
 def parse_slice(label: str) -> tuple[int, int]:
     m = re.fullmatch(r"(\d+)of(\d+)", label)
     if not m or int(m.group(1)) >= int(m.group(2)):
@@ -106,6 +135,17 @@ class Probe:
     tables: ClassVar[tuple[str, ...]] = ()  # merge outputs: results/<probe>/tables/<model>/<table>.csv
     figures: ClassVar[tuple[str, ...]] = ()  # plot outputs: results/<probe>/figures/<figure>.png
     gpu: ClassVar[bool] = True
+    # The layout every shard must have, checked at merge before any number is read (GroupLayout);
+    # shards that agree on ``layout_varies_with`` axes must hold the same set of groups, and
+    # ``expected_groups`` (from the shard's own checksummed attributes) names the full set where
+    # a probe can know it - so a shard missing whole groups is refused, not merged as less data.
+    layout: ClassVar[tuple[GroupLayout, ...]] = ()
+    layout_varies_with: ClassVar[tuple[str, ...]] = ()
+
+    def expected_groups(self, shard: "Shard") -> list[str] | None:
+        """Every group path this shard must hold, from its attributes; None: not known."""
+        return None
+
     # config keys that list axis values: excluded from the config hash, because adding a seed or a
     # model must not invalidate shards that already exist
     axis_keys: ClassVar[dict[str, str]] = {"slice": "slices", "seed": "seeds", "timestep": "timesteps", "layers": "layer_groups"}

@@ -26,7 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
-from layerscope.probes.base import Probe, ShardSpec
+from layerscope.probes.base import MOMENTS_LAYOUT, GroupLayout, Probe, ShardSpec
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -127,6 +127,15 @@ class DinoV3Channels(Probe):
     tables: ClassVar[tuple[str, ...]] = ("channels", "layers", "outliers")
     figures: ClassVar[tuple[str, ...]] = ("std_max_abs_per_layer", "outlier_channels_heatmap", "magnitude_vs_layer")
     layer_keys: ClassVar[tuple[str, ...]] = ("layers",)
+    layout: ClassVar[tuple[GroupLayout, ...]] = (
+        GroupLayout(r"stats/blocks\.\d+\.[a-z_.]+/(cls|patch)",
+                    {**MOMENTS_LAYOUT, "hist": "hist", "topk_value": "max_abs", "topk_channel": "index",
+                     "topk_sample": "index", "topk_token": "index"}, attrs=("layer", "rep")),
+    )
+
+    def expected_groups(self, shard: "Shard") -> list[str] | None:
+        n = int(shard.attrs["num_layers"])
+        return [f"stats/{hook_name(i, r)}/{role}" for i in range(n) for r in REPS for role in ROLES]
 
     # ------------------------------------------------------------------ shard
     def run_shard(self, spec: ShardSpec, writer: "ShardWriter") -> None:
@@ -248,6 +257,8 @@ class DinoV3Channels(Probe):
         import numpy as np
         import seaborn as sns
 
+        from layerscope.plots import mark_nonfinite, mark_nonfinite_grid
+
         sns.set_theme(style="whitegrid", context="paper")
         fig_dir = Path(fig_dir)
         layers = tables["layers"]
@@ -263,6 +274,7 @@ class DinoV3Channels(Probe):
         g.set(yscale="log")
         g.set_titles("{row_name} | {col_name}")
         g.figure.suptitle(f"Channel std (mean over channels) and max|x| per layer {caption}".strip(), y=1.02)
+        mark_nonfinite_grid(g, chans, "layer", col="role")
         g.savefig(fig_dir / "std_max_abs_per_layer.png", dpi=120, bbox_inches="tight")
         plt.close(g.figure)
 
@@ -276,6 +288,7 @@ class DinoV3Channels(Probe):
             sns.heatmap(np.log10(piv.loc[top].clip(lower=1e-6)), ax=ax, cmap="magma",
                         cbar_kws={"label": "log10 max|x|"})
             ax.set_title(f"{m}: top channels by max|x| (pre, patch)")
+            mark_nonfinite(ax, sub, "layer", position=list(piv.columns))
         fig.tight_layout()
         fig.savefig(fig_dir / "outlier_channels_heatmap.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
@@ -288,5 +301,6 @@ class DinoV3Channels(Probe):
         g.set(yscale="log")
         g.set_titles("{row_name} | {col_name}")
         g.figure.suptitle(f"Top-1/2/3 and median |x| per layer (massive: >100 and >1000x median) {caption}".strip(), y=1.02)
+        mark_nonfinite_grid(g, layers, "layer", row="role", col="rep")
         g.savefig(fig_dir / "magnitude_vs_layer.png", dpi=120, bbox_inches="tight")
         plt.close(g.figure)

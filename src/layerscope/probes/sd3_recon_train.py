@@ -28,7 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
-from layerscope.probes.base import Probe, ShardSpec
+from layerscope.probes.base import GroupLayout, Probe, ShardSpec
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -79,6 +79,11 @@ class SD3ReconTrain(Probe):
     tables: ClassVar[tuple[str, ...]] = ("losses",)
     figures: ClassVar[tuple[str, ...]] = ("loss_curves",)
     axis_keys: ClassVar[dict[str, str]] = {"gamma": "gammas", "target": "targets", "seed": "seeds"}
+    # losses are data as trained: a NaN/inf loss is a result (kept, never dropped), not corruption
+    layout: ClassVar[tuple[GroupLayout, ...]] = (
+        GroupLayout(r"train/losses", {"step": "index", **{c: "float" for c in LOSS_COLUMNS},
+                                      "n_valid_tokens": "count", "skipped": "bool"}),
+    )
 
     def axis_values(self, probe_cfg: Mapping[str, Any], model: str, model_cfg: Mapping[str, Any]) -> dict[str, list[str]]:
         return {"gamma": [gamma_label(g) for g in probe_cfg.get("gammas", [0.0])],

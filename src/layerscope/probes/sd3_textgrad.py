@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from layerscope.probes.base import Probe, ShardSpec
+from layerscope.probes.base import GroupLayout, Probe, ShardSpec
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -399,6 +399,15 @@ class SD3TextGrad(Probe):
     tables: ClassVar[tuple[str, ...]] = ("samples", "blocks", "pooled", "tokens")
     figures: ClassVar[tuple[str, ...]] = tuple(FIGURES.values())
     layer_keys: ClassVar[tuple[str, ...]] = ("layers",)
+    layout: ClassVar[tuple[GroupLayout, ...]] = (
+        GroupLayout(r"stats/transformer_blocks\.\d+\.hook_text_grad",
+                    {**{m: "metric" for m in METRICS}, "image_id": "index", "n_tokens": "count",
+                     "nonfinite": "count", "status": "int", "token_scores": "metric?"}, attrs=("block",)),
+        GroupLayout(r"inputs", {"image_id": "index", "token_mask": "uint8", "objective": "metric"}),
+    )
+
+    def expected_groups(self, shard: "Shard") -> list[str] | None:
+        return ["inputs", *(f"stats/{hook_name(int(b))}" for b in shard.json_attr("blocks"))]
 
     def check_config(self, probe_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         from layerscope.errors import ConfigError
@@ -695,6 +704,9 @@ class SD3TextGrad(Probe):
             ax.set_title(f"{labels[metric]} of dy/d(text input) per block\n"
                          f"95% CI over {n_seeds} seed(s) x {n_img} sample(s) {caption}".strip(), fontsize=9)
             ax.xaxis.get_major_locator().set_params(integer=True)
+            from layerscope.plots import mark_nonfinite
+
+            mark_nonfinite(ax, s, "block")
             if ax.get_legend() is not None:
                 sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
             fig.tight_layout()

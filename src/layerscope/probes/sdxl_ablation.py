@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Sequence
 
-from layerscope.probes.base import Probe, ShardSpec
+from layerscope.probes.base import MOMENTS_LAYOUT, GroupLayout, Probe, ShardSpec
 
 if TYPE_CHECKING:
     import numpy as np
@@ -252,6 +252,13 @@ class SdxlAblation(Probe):
     datasets_key: ClassVar[str | None] = None
     tables: ClassVar[tuple[str, ...]] = ("scores", "images")
     figures: ClassVar[tuple[str, ...]] = ("comparison_grid", "scores")
+    # every shard records every attn2 output (kept or zeroed), so all of a model's shards hold the
+    # same groups (layout_varies_with = ()); the CLIP score exists when a clip_model is configured
+    layout: ClassVar[tuple[GroupLayout, ...]] = (
+        GroupLayout(r"image", {"rgb": "uint8"}, attrs=("prompt",)),
+        GroupLayout(r"stats/.+\.attn2\.hook_out", MOMENTS_LAYOUT, attrs=("group", "zeroed")),
+        GroupLayout(r"scores/clip", {"cosine": "finite"}, min_groups=0),
+    )
     # 'prompts' is deliberately NOT an axis key: the prompt text stays in the config hash, so
     # editing or reordering prompts (labels p0, p1, ... are positions) invalidates old shards.
     axis_keys: ClassVar[dict[str, str]] = {"group": "groups", "seed": "seeds"}

@@ -28,7 +28,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
-from layerscope.probes.base import Probe, ShardSpec
+from layerscope.probes.base import MOMENTS_LAYOUT, GroupLayout, Probe, ShardSpec
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -104,6 +104,17 @@ class WanLogits(Probe):
     tables: ClassVar[tuple[str, ...]] = ("frame_profile", "sink_metrics")
     figures: ClassVar[tuple[str, ...]] = ("frame_logits", "frame_mass", "sink_heatmaps")
     axis_keys: ClassVar[dict[str, str]] = {"layers": "layer_groups", "step": "steps", "seed": "seeds"}
+    layout: ClassVar[tuple[GroupLayout, ...]] = (
+        GroupLayout(r"stats/blocks\.\d+\.attn1\.hook_attn_logits/chunk\d+",
+                    {"logit_sum": "finite", "mass_sum": "finite", "logit_max": "max", "query_tokens": "count",
+                     "key_tokens_per_frame": "count", "nonfinite": "count"}, attrs=("geometry",)),
+        GroupLayout(r"stats/hook_latents", MOMENTS_LAYOUT),
+    )
+    layout_varies_with: ClassVar[tuple[str, ...]] = ("layers",)
+
+    def expected_groups(self, shard: "Shard") -> list[str] | None:
+        meta = shard.json_attr("wan_logits")
+        return ["stats/hook_latents", *(f"stats/{hook_name(int(l))}/chunk{int(c)}" for l in meta["layers"] for c in meta["chunks"])]
 
     # ---- planning ----
     layer_keys: ClassVar[tuple[str, ...]] = ("layer_groups",)
@@ -307,6 +318,8 @@ class WanLogits(Probe):
         import matplotlib.pyplot as plt
         import seaborn as sns
 
+        from layerscope.plots import mark_nonfinite
+
         fig_dir = Path(fig_dir)
         fig_dir.mkdir(parents=True, exist_ok=True)
         prof, mets = tables["frame_profile"], tables["sink_metrics"]
@@ -334,6 +347,7 @@ class WanLogits(Probe):
                 mat = sub.pivot_table(index="layer", columns="head", values=m)
                 sns.heatmap(mat, ax=axes[r][c], annot=mat.size <= 64, fmt=".2f", cmap="viridis", cbar=True)
                 axes[r][c].set_title(f"{model} step {step}\n{m}", fontsize=8)
+                mark_nonfinite(axes[r][c], sub, "head", position=list(mat.columns))
         fig.suptitle(f"Sink metrics per layer x head (last captured chunk) {caption}".strip(), fontsize=9)
         fig.tight_layout()
         fig.savefig(fig_dir / "sink_heatmaps.png", dpi=110)
