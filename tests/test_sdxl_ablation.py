@@ -367,6 +367,12 @@ def test_batched_shards_equal_one_at_a_time_images_tables_and_figures(workdir, m
     pa = [run_shard(one, s, tmp_path / "one") for _, s in one.shards("sdxl_ablation")]
     pb = [run_shard(bat, s, tmp_path / "bat") for _, s in bat.shards("sdxl_ablation")]
     probe = get_probe("sdxl_ablation")
+    from layerscope.merge import check_layout
+
+    for p in pa + pb:  # both layouts pass the merge's structural checks (a batched shard once did not)
+        assert check_layout(Shard(p), probe) == [], p
+    assert probe.expected_groups(Shard(pb[0])) == [f"image/{t}" for t in [*fam.cross_attention_groups_from_config(
+        fam.TINY_ARCHS["default"]["unet"]), *CONTROLS]]
     ta, tb = probe.merge([Shard(p) for p in pa]), probe.merge([Shard(p) for p in pb])
     for (g, s), path in zip(((r.group, r.seed) for r in ta["images"].itertuples()), ta["images"]["png"]):
         b = tb["images"][(tb["images"].group == g) & (tb["images"].seed == s)]["png"].iloc[0]

@@ -255,10 +255,16 @@ class SdxlAblation(Probe):
     # every shard records every attn2 output (kept or zeroed), so all of a model's shards hold the
     # same groups (layout_varies_with = ()); the CLIP score exists when a clip_model is configured
     layout: ClassVar[tuple[GroupLayout, ...]] = (
-        GroupLayout(r"image", {"rgb": "uint8"}, attrs=("prompt",)),
+        # one image per shard (image, scores/clip), or with batch_groups one per target (image/<target>, ...)
+        GroupLayout(r"image(/[^/]+)?", {"rgb": "uint8"}, attrs=("prompt",)),
         GroupLayout(r"stats/.+\.attn2\.hook_out", MOMENTS_LAYOUT, attrs=("group", "zeroed")),
-        GroupLayout(r"scores/clip", {"cosine": "finite"}, min_groups=0),
+        GroupLayout(r"scores/clip(/[^/]+)?", {"cosine": "finite"}, min_groups=0),
     )
+    def expected_groups(self, shard: "Shard") -> list[str] | None:
+        """One image per shard, or with batch_groups one per target the shard says it made."""
+        abl = shard.json_attr("ablation")
+        return [f"image/{t}" for t in abl["targets"]] if abl.get("batched") else ["image"]
+
     # 'prompts' is deliberately NOT an axis key: the prompt text stays in the config hash, so
     # editing or reordering prompts (labels p0, p1, ... are positions) invalidates old shards.
     axis_keys: ClassVar[dict[str, str]] = {"group": "groups", "seed": "seeds"}
