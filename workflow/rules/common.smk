@@ -21,6 +21,12 @@ try:
     PLAN = Plan(config, workdir=os.getcwd())
 except LayerscopeError as e:
     raise WorkflowError(str(e)) from None
+# every result path comes from the study's layout: results/<study>/... (layerscope.layout)
+LAYOUT = PLAN.layout
+# execution knobs per probe (device, batch sizes the numbers do not depend on): shard commands read
+# them as {EXEC[<probe>]}, a global, so the rule's code and params - and with them the rerun
+# triggers - do not change when they do
+EXEC = {p: PLAN.exec_json(p) for p in PLAN.probes}
 
 ENV = "../../envs/layerscope.yaml"
 # Rules call the `layerscope` CLI. It is on PATH when the environment is active (conda, or an
@@ -47,6 +53,8 @@ wildcard_constraints:
     model=SAFE,
     shard=r"[A-Za-z0-9.+=_-]+",
     dataset=SAFE,
+    max_images=r"\d+",
+    slice=r"\d+of\d+",
 
 
 def scaled(base, marker=None):
@@ -129,6 +137,12 @@ def forbidden_slurm_extra(extra):
     return ()
 
 
+def figure_caption():
+    """The text the figures carry: the study's name - never the config
+    file's name, so `--configfile` of a copy of the config reruns nothing."""
+    return f"(study {PLAN.study})"
+
+
 def caption(probe, figure):
     """Report caption file for a figure (a per-figure .rst, else the probe's)."""
     base = Path(workflow.basedir) / "workflow" / "report"
@@ -146,9 +160,9 @@ def shard_dir(probe, model):
     in a dry run of two models' tables) would count as missing (MissingInputException)."""
     if probe not in _SHARD_DIRS_MADE:
         for m in PLAN.models_of(probe):
-            os.makedirs(f"results/{probe}/shards/{m}", exist_ok=True)
+            os.makedirs(LAYOUT.shard_dir(probe, m), exist_ok=True)
         _SHARD_DIRS_MADE.add(probe)
-    d = f"results/{probe}/shards/{model}"
+    d = LAYOUT.shard_dir(probe, model)
     os.makedirs(d, exist_ok=True)
     return d
 
@@ -159,6 +173,13 @@ _SHARD_DIRS_MADE = set()
 def extra_outputs(probe, impl):
     """A probe's declared extra shard outputs (checkpoints, images), directories marked."""
     out = {}
-    for name, tmpl in impl.extra_outputs(config["probes"][probe]).items():
+    for name, tmpl in impl.extra_outputs(PLAN.probe_cfg(probe), LAYOUT).items():
         out[name] = directory(tmpl[:-1]) if tmpl.endswith("/") else tmpl
     return out
+
+
+def slice_fingerprint(dataset, max_images, slice_label):
+    """Names, captions, sizes and mtimes of one data slice's items (a param of dataset_slice)."""
+    from layerscope.data import slice_fingerprint as fingerprint  # here: the Snakefile stays light
+
+    return fingerprint(dataset, PLAN.dataset(dataset), max_images, slice_label)
