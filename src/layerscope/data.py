@@ -154,8 +154,9 @@ def read_index(path: str | Path) -> list[Record]:
     if not path.is_file():
         raise DataError(f"dataset index {path} does not exist (it is built by the dataset_index rule)")
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    if not rows or set(rows[0]) != {"image_id", "path", "caption"}:
+        reader = csv.DictReader(f, delimiter="\t")
+        rows = list(reader)  # may be empty: a data slice chosen by item key can hold no item
+    if set(reader.fieldnames or ()) != {"image_id", "path", "caption"}:
         raise DataError(f"{path}: not a dataset index (expected columns image_id, path, caption)")
     return [Record(int(r["image_id"]), r["path"], r["caption"] or "") for r in rows]
 

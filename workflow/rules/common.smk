@@ -23,10 +23,20 @@ except LayerscopeError as e:
     raise WorkflowError(str(e)) from None
 # every result path comes from the study's layout: results/<study>/... (layerscope.layout)
 LAYOUT = PLAN.layout
-# execution knobs per probe (device, batch sizes the numbers do not depend on): shard commands read
-# them as {EXEC[<probe>]}, a global, so the rule's code and params - and with them the rerun
-# triggers - do not change when they do
-EXEC = {p: PLAN.exec_json(p) for p in PLAN.probes}
+
+
+class Untracked:
+    """A param value Snakemake passes to the command but does not track: its params rerun trigger
+    records only builtin values (str, int, list, ...) and skips any other object. Shard jobs get
+    their execution knobs (device, batch sizes the numbers do not depend on) this way, so changing
+    them reruns nothing. (A global read in the shell command would not do: Snakemake evaluates a
+    loop-defined rule's shell expression again at run time, with the loop variable's last value.)"""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __str__(self):
+        return self.text
 
 ENV = "../../envs/layerscope.yaml"
 # Rules call the `layerscope` CLI. It is on PATH when the environment is active (conda, or an

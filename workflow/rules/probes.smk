@@ -56,9 +56,11 @@ for _probe, _impl in PLAN.probes.items():
         threads: PLAN.threads(_probe)
         resources:
             **probe_resources(_probe, 1 if _impl.gpu else 0),
+        params:
+            exec=Untracked(PLAN.exec_json(_probe)),
         shell:
             "layerscope run-shard --spec @{input.spec} --shard {wildcards.shard} --threads {threads}"
-            f" --exec {{EXEC[{_probe}]:q}} --out {{output.shard}} > {{log}} 2>&1"
+            " --exec {params.exec:q} --out {output.shard} > {log} 2>&1"
 
     rule:
         name:
