@@ -160,6 +160,25 @@ def test_adding_an_image_plans_only_the_slices_holding_it(study):
     assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(run_snakemake(study, "-n", config=study / "study.yaml"))
 
 
+def test_changing_an_image_in_place_plans_only_its_slices(study):
+    import os
+
+    img = study / "imgs" / "img0.png"
+    saved, st = img.read_bytes(), img.stat()
+    write_image(img, 1234)
+    try:
+        r = run_snakemake(study, "-n", config=study / "study.yaml")
+    finally:
+        img.write_bytes(saved)
+        os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+    k_dino, k_tg = slice_of("img0.png", DINO_SLICES), slice_of("img0.png", TG_SLICES)
+    assert {o for o in planned_outputs(r.stdout) if o.endswith(".h5")} == {
+        f"results/default/dinov3_channels/shards/dino_a/slice-{k_dino}of{DINO_SLICES}.h5",
+        f"results/default/dinov3_channels/shards/dino_b/slice-{k_dino}of{DINO_SLICES}.h5",
+        f"results/default/sd3_textgrad/shards/sd3_tiny/timestep-500__seed-0__slice-{k_tg}of{TG_SLICES}.h5",
+    }, r.stdout[-3000:]
+
+
 def test_slices_cover_every_image_once(study):
     """The slice index files the study wrote partition the folder: every image in exactly one."""
     import csv
