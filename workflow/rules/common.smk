@@ -38,6 +38,7 @@ class Untracked:
     def __str__(self):
         return self.text
 
+
 ENV = "../../envs/layerscope.yaml"
 # Rules call the `layerscope` CLI. It is on PATH when the environment is active (conda, or an
 # activated venv); otherwise use the one beside the interpreter running Snakemake, so

@@ -85,7 +85,7 @@ for _probe, _impl in PLAN.probes.items():
         params:
             probe=_probe,
             expect=lambda w, p=_probe: PLAN.config_hash(p, w.model),
-            out_dir=lambda w, p=_probe: LAYOUT.table_dir(p, w.model),
+            out_dir=lambda w, output: os.path.dirname(output[0]),  # LAYOUT.table_dir
         shell:
             "layerscope merge --probe {params.probe} --model {wildcards.model} --expect-hash {params.expect}"
             " --out-dir {params.out_dir} {input.shards} > {log} 2>&1"
@@ -116,7 +116,7 @@ for _probe, _impl in PLAN.probes.items():
             runtime=scaled(30),
         params:
             probe=_probe,
-            out_dir=LAYOUT.figure_dir(_probe),
+            out_dir=lambda w, output: os.path.dirname(output[0]),  # LAYOUT.figure_dir
             # sorted: reordering the probe's models: list reruns nothing
             tables=lambda w, p=_probe: [LAYOUT.table_dir(p, m) for m in sorted(PLAN.models_of(p))],
             # the study's name, not the config file's: a copy of the config reruns no figure
