@@ -231,6 +231,13 @@ def test_list_and_caption_files_parse_against_hand_written_rows(tmp_path):
 
 
 # ---------------------------------------------------------------- what a shard depends on, and nothing else
+def with_study(c, name):
+    """The config as study `name`: its own fine-tuned checkpoints are under results/<name>/ too."""
+    c["study"] = name
+    for m in c["models"].values():
+        m["source"] = m["source"].replace("results/default/", f"results/{name}/")
+
+
 def _spec_and_hash(c, probe, model):
     validate_config(c)
     plan = Plan(c)
@@ -262,7 +269,7 @@ def test_spec_ignores_execution_knobs(cfg, edit):
     ("sd3_textgrad", "sd3_tiny", lambda c: c["models"]["sd3_tiny"].__setitem__("seed", 3)),
     ("sd3_recon_train", "sd3_tiny", lambda c: c["probes"]["sd3_recon_train"].__setitem__("batch_size", 2)),  # changes training
     ("sdxl_ablation", "sdxl_tiny", lambda c: c["models"]["clip_tiny"].__setitem__("seed", 1)),  # the scorer it uses
-    ("dinov3_channels", "dinov3_tiny", lambda c: c.__setitem__("study", "other")),
+    ("dinov3_channels", "dinov3_tiny", lambda c: with_study(c, "other")),
 ])
 def test_spec_follows_what_changes_numbers(cfg, probe, model, edit):
     spec, h, _ = _spec_and_hash(copy.deepcopy(cfg), probe, model)
@@ -299,7 +306,8 @@ def test_exec_settings_reach_the_shard_spec(cfg):
 
 def test_studies_have_disjoint_paths(cfg):
     a, b = copy.deepcopy(cfg), copy.deepcopy(cfg)
-    a["study"], b["study"] = "a", "b"
+    with_study(a, "a")
+    with_study(b, "b")
     pa, pb = Plan(a), Plan(b)
     paths = lambda p: (p.shard_paths("dinov3_channels") + p.figure_paths("sd3_textgrad")
                        + p.table_paths("sd3_textgrad", "sd3_tiny") + [p.model("sd3_tiny")["path"]]
@@ -323,3 +331,13 @@ def test_no_result_path_outside_layout(repo):
             if re.search(r"""["'f]results/|\{RESULTS\}""", code) and '"""' not in line:
                 bad.append(f"{f.relative_to(repo)}:{n}: {line.strip()}")
     assert not bad, "\n".join(bad)
+
+
+def test_only_this_studys_results_may_be_missing_at_plan_time(cfg):
+    """A model path under results/<this study>/ is made by a rule (a fine-tuned checkpoint); one under
+    another study's folder is made by nothing here, so it must exist."""
+    c = copy.deepcopy(cfg)
+    c["models"]["sd3_tiny_ft"]["source"] = "results/other/sd3_recon_train/checkpoints/sd3_tiny/gamma-0__target-0__seed-0"
+    with pytest.raises(ConfigError, match=r"^config field models.sd3_tiny_ft.source: path 'results/other/.*' does not exist"):
+        Plan(c)
+    assert Plan(cfg).model("sd3_tiny_ft")["path"].startswith("results/default/sd3_recon_train/checkpoints/")

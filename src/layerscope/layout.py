@@ -105,10 +105,11 @@ class Layout:
         return f"{self.root}/logs/user-errors"
 
     def is_produced(self, path: str) -> bool:
-        """A relative path under ``results/``: made by a rule of some study, so it need not exist
-        when the plan is made."""
+        """A relative path under this study's ``results/<study>/``: made by one of its rules (e.g. a
+        fine-tuned checkpoint used as a model), so it need not exist when the plan is made. Another
+        study's path must exist: no rule of this study makes it."""
         p = PurePosixPath(path)
-        return not p.is_absolute() and p.parts[:1] == (RESULTS,)
+        return not p.is_absolute() and p.parts[:2] == (RESULTS, self.study)
 
 
 def user_error_marker(out: str | os.PathLike) -> str | None:
