@@ -255,26 +255,39 @@ def slice_items(items: list[Item], max_images: int, slice_label: str) -> list[It
     return [it for it in cut if slice_of(it.key, n) == i]
 
 
-def slice_fingerprint(name: str, ds: Mapping[str, Any], max_images: int, slice_label: str) -> str:
-    """What one slice is built from, cheaply (names, captions, sizes and mtimes; no image read):
-    a param of the slice rule, so an added or changed image reruns only the slice that holds it."""
-    h = hashlib.sha256(f"{ds.get('kind')}\n".encode())
+def slice_fingerprints(name: str, ds: Mapping[str, Any], max_images: int, n: int) -> list[str]:
+    """What each of the ``n`` slices is built from, cheaply (names, captions, sizes and mtimes; no
+    image read): a param of the slice rule, so an added or changed image reruns only the slice that
+    holds it. One listing and one stat per item for all ``n`` slices (a dry run of many slices of a
+    large folder stays linear)."""
+    h = [hashlib.sha256(f"{ds.get('kind')}\n".encode()) for _ in range(n)]
+    extra = b""
     if ds.get("kind") == "skimage":
         from importlib.metadata import version
 
-        h.update(version("scikit-image").encode())
+        extra = version("scikit-image").encode()
     try:
-        items = slice_items(list_items(name, ds), max_images, slice_label)
+        items = list_items(name, ds)
     except DataError as e:  # the slice job reports it; the plan still forms
-        return "error:" + hashlib.sha256(str(e).encode()).hexdigest()[:16]
-    for it in items:
+        return ["error:" + hashlib.sha256(str(e).encode()).hexdigest()[:16]] * n
+    for it in items[:max_images] if max_images else items:
         try:
             st = Path(it.path).stat() if it.path else None
             stat = f"{st.st_size}\t{st.st_mtime_ns}" if st else ""
         except OSError:
             stat = "missing"
-        h.update(f"{it.ident}\t{it.caption}\t{stat}\n".encode())
-    return h.hexdigest()[:16]
+        h[slice_of(it.key, n)].update(f"{it.ident}\t{it.caption}\t{stat}\n".encode())
+    for x in h:
+        x.update(extra)
+    return [x.hexdigest()[:16] for x in h]
+
+
+def slice_fingerprint(name: str, ds: Mapping[str, Any], max_images: int, slice_label: str) -> str:
+    """:func:`slice_fingerprints` of one slice ``IofN``."""
+    from layerscope.probes.base import parse_slice
+
+    i, n = parse_slice(slice_label)
+    return slice_fingerprints(name, ds, max_images, n)[i]
 
 
 def build_slice(name: str, ds: Mapping[str, Any], max_images: int, slice_label: str, out: str | Path) -> Path:

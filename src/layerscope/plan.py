@@ -198,6 +198,8 @@ class Plan:
         self._probes: dict[str, Probe] = {}
         self._base: dict[tuple[str, str], dict[str, Any]] = {}
         self._shards: dict[str, list[tuple[str, str]]] = {}
+        self._datasets: dict[str, dict[str, Any]] = {}
+        self._dataset_json: dict[str, str] = {}
         for name, mcfg in config.get("models", {}).items():
             self._models[name] = self._resolve_model(name, mcfg)
         for pname, pcfg in config.get("probes", {}).items():
@@ -281,16 +283,24 @@ class Plan:
         return self._models[name]
 
     def dataset(self, name: str) -> dict[str, Any]:
-        ds = self.config.get("datasets", {})
-        if name not in ds:
-            raise KeyError(name)
-        out = dict(ds[name])
-        if out.get("kind") in ("folder", "list") and not out.get("path"):
-            raise ConfigError(f"config field datasets.{name}.path: a '{out.get('kind')}' dataset needs a path")
-        if out.get("path"):
-            out["path"] = self._check_path(f"datasets.{name}.path", str(out["path"]))
-            self._check_dataset_files(name, out)
-        return out
+        """A dataset's config, its files checked once (every data slice job of a dry run asks)."""
+        if name not in self._datasets:
+            ds = self.config.get("datasets", {})
+            if name not in ds:
+                raise KeyError(name)
+            out = dict(ds[name])
+            if out.get("kind") in ("folder", "list") and not out.get("path"):
+                raise ConfigError(f"config field datasets.{name}.path: a '{out.get('kind')}' dataset needs a path")
+            if out.get("path"):
+                out["path"] = self._check_path(f"datasets.{name}.path", str(out["path"]))
+                self._check_dataset_files(name, out)
+            self._datasets[name] = out
+        return dict(self._datasets[name])
+
+    def dataset_json(self, name: str) -> str:
+        if name not in self._dataset_json:
+            self._dataset_json[name] = json.dumps(self.dataset(name), sort_keys=True)
+        return self._dataset_json[name]
 
     def probe_cfg(self, probe: str) -> dict[str, Any]:
         """A probe's settings with the study's defaults for paths filled in (``checkpoint_root``

@@ -190,7 +190,16 @@ def extra_outputs(probe, impl):
 
 
 def slice_fingerprint(dataset, max_images, slice_label):
-    """Names, captions, sizes and mtimes of one data slice's items (a param of dataset_slice)."""
-    from layerscope.data import slice_fingerprint as fingerprint  # here: the Snakefile stays light
+    """Names, captions, sizes and mtimes of one data slice's items (a param of dataset_slice); all
+    slices of a (dataset, max_images, count) from one listing, once per Snakemake process."""
+    from layerscope.data import slice_fingerprints  # here: the Snakefile stays light
+    from layerscope.probes.base import parse_slice
 
-    return fingerprint(dataset, PLAN.dataset(dataset), max_images, slice_label)
+    i, n = parse_slice(slice_label)
+    key = (dataset, max_images, n)
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = slice_fingerprints(dataset, PLAN.dataset(dataset), max_images, n)
+    return _FINGERPRINTS[key][i]
+
+
+_FINGERPRINTS = {}

@@ -40,7 +40,7 @@ rule dataset_slice:
         mem_mb=scaled(2000),
         runtime=scaled(10),
     params:
-        spec=lambda w: json.dumps(PLAN.dataset(w.dataset)),
+        spec=lambda w: PLAN.dataset_json(w.dataset),
         content=lambda w: slice_fingerprint(w.dataset, int(w.max_images), w.slice),
     shell:
         "layerscope dataset-slice --name {wildcards.dataset:q} --spec {params.spec:q} --max-images {wildcards.max_images}"
