@@ -18,7 +18,7 @@ import yaml
 
 from conftest import REPO, run_snakemake
 
-SHARD = "results/dinov3_channels/shards/dinov3_tiny/slice-{}of2.h5"
+SHARD = "results/default/dinov3_channels/shards/dinov3_tiny/slice-{}of2.h5"
 
 
 # ------------------------------------------------------------------------------------- progress
@@ -49,10 +49,10 @@ def test_progress_lines_rate_eta_and_throttle():
 
 # -------------------------------------------------------------------------------- out of memory
 def _dinov3_spec(tmp_path, dinov3_dir, photos_index):
-    from layerscope.data import read_index
+    from layerscope.data import build_slice, read_index
     from layerscope.plan import Plan, validate_config
 
-    lst = tmp_path / "photos.tsv"  # a 'list' dataset: path<TAB>caption lines
+    lst = tmp_path / "photos.lst"
     lst.write_text("".join(f"{r.path}\t{r.caption}\n" for r in read_index(photos_index)))
     cfg = {"runtime": {"device": "cpu"}, "models": {"d": {"family": "dinov3", "source": str(dinov3_dir)}},
            "datasets": {"photos": {"kind": "list", "path": str(lst)}},
@@ -60,10 +60,9 @@ def _dinov3_spec(tmp_path, dinov3_dir, photos_index):
                                           "image_size": 32}}}
     validate_config(cfg)
     plan = Plan(cfg, tmp_path)
-    idx = tmp_path / "results/data/photos/index.tsv"  # where the plan puts the dataset's index
-    idx.parent.mkdir(parents=True)
-    idx.write_bytes(Path(photos_index).read_bytes())
     (model, label), = plan.shards("dinov3_channels")
+    idx, = plan.data_inputs("dinov3_channels", model, label)  # the shard's data slice, as the rule builds it
+    build_slice("photos", plan.dataset("photos"), 2, "0of1", tmp_path / idx)
     return plan.spec_json("dinov3_channels", model, label)
 
 
@@ -147,15 +146,21 @@ def study(tmp_path_factory):
 def test_benchmarks_progress_provenance_and_status(study, capsys):
     from layerscope.cli import main as cli
 
-    bench = study / "results/benchmarks"
+    bench = study / "results/default/benchmarks"
     names = sorted(str(p.relative_to(bench)) for p in bench.rglob("*.tsv"))
-    assert names == ["data/photos.tsv", "dinov3_channels/figures.tsv", "dinov3_channels/merge/dinov3_tiny.tsv",
+    assert names == ["data/photos/max-8/0of2.tsv", "data/photos/max-8/1of2.tsv", "dinov3_channels/figures.tsv", "dinov3_channels/merge/dinov3_tiny.tsv",
                      "dinov3_channels/shards/dinov3_tiny/slice-0of2.tsv", "dinov3_channels/shards/dinov3_tiny/slice-1of2.tsv",
                      "dinov3_channels/specs/dinov3_tiny.tsv", "models/dinov3_tiny.tsv"]
-    # progress: one flushed line per batch of 2 images, 4 images per slice, no carriage returns
-    log = (study / "results/logs/dinov3_channels/shards/dinov3_tiny/slice-1of2.log").read_text()
-    got = re.findall(r"layerscope progress: dinov3_channels dinov3_tiny/slice-1of2: (\d+)/4 images", log)
-    assert got == ["2", "4"] and "\r" not in log
+    # progress: one flushed line per batch of 2 images, no carriage returns; slice 1 of 2 holds the
+    # first 8 photographs whose name's sha256 (first 60 bits) is odd
+    import hashlib
+
+    from layerscope.data import SKIMAGE_PHOTOS
+
+    n1 = sum(int(hashlib.sha256(s.encode()).hexdigest()[:15], 16) % 2 for s in list(SKIMAGE_PHOTOS)[:8])
+    log = (study / "results/default/logs/dinov3_channels/shards/dinov3_tiny/slice-1of2.log").read_text()
+    got = re.findall(rf"layerscope progress: dinov3_channels dinov3_tiny/slice-1of2: (\d+)/{n1} images", log)
+    assert got == [str(min(i, n1)) for i in range(2, n1 + 2, 2)] and "\r" not in log
     # provenance: what actually ran
     with h5py.File(study / SHARD.format(0), "r") as f:
         a = dict(f.attrs)
@@ -165,7 +170,7 @@ def test_benchmarks_progress_provenance_and_status(study, capsys):
     assert a["git_revision"] in (head, head + "+dirty") or (not head and a["git_revision"] == "unknown")
 
     # status: GPU hours = wall seconds of the shard benchmarks x 2 GPUs, summed here from the TSVs
-    secs = sum(pd.read_csv(study / "results/benchmarks/dinov3_channels/shards/dinov3_tiny" / f"slice-{i}of2.tsv",
+    secs = sum(pd.read_csv(study / "results/default/benchmarks/dinov3_channels/shards/dinov3_tiny" / f"slice-{i}of2.tsv",
                            sep="\t")["s"].iloc[-1] for i in range(2))
     assert cli(["status", "--config", str(study / "study.yaml"), "--workdir", str(study)]) == 0
     row = _status_row(capsys.readouterr().out)
@@ -215,8 +220,8 @@ def test_dry_run_of_two_models_tables_and_slurm_resources_reach_the_job(tmp_path
     res = {"gpus": 1, "gpu_model": "h100", "mem_mb": 9000, "slurm_partition": "gpu", "slurm_account": "proj",
            "qos": "short", "constraint": "ampere", "cpus_per_task": 3, "slurm_extra": "--exclusive"}
     cfg = _two_model_config(tmp_path, res)
-    r = run_snakemake(tmp_path, "-n", "results/dinov3_channels/tables/a/channels.csv",
-                      "results/dinov3_channels/tables/b/channels.csv", config=cfg)
+    r = run_snakemake(tmp_path, "-n", "results/default/dinov3_channels/tables/a/channels.csv",
+                      "results/default/dinov3_channels/tables/b/channels.csv", config=cfg)
     assert "MissingInput" not in r.stdout + r.stderr
     assert re.search(r"dinov3_channels_merge\s+2", r.stdout) and re.search(r"dinov3_channels_shard\s+4", r.stdout)
     lines = re.findall(r"resources: (.*)", r.stdout)

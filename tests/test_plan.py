@@ -27,8 +27,8 @@ def cfg(repo):
 def test_default_config_plans(cfg):
     plan = Plan(cfg)
     assert plan.shard_paths("dinov3_channels") == [
-        "results/dinov3_channels/shards/dinov3_tiny/slice-0of2.h5",
-        "results/dinov3_channels/shards/dinov3_tiny/slice-1of2.h5",
+        "results/default/dinov3_channels/shards/dinov3_tiny/slice-0of2.h5",
+        "results/default/dinov3_channels/shards/dinov3_tiny/slice-1of2.h5",
     ]
     spec = plan.spec("dinov3_channels", "dinov3_tiny", "slice-1of2")
     assert spec.axes == {"slice": "1of2"} and spec.model_cfg["kind"] == "tiny"
@@ -110,7 +110,8 @@ def test_hub_source_needs_no_path(cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     plan = Plan(c)
     assert plan.model("dinov3_tiny")["hub_id"] == "facebook/dinov3-vits16-pretrain-lvd1689m"
-    assert plan.shard_inputs("dinov3_channels", "dinov3_tiny") == ["results/data/photos/index.tsv"]
+    assert plan.shard_inputs("dinov3_channels", "dinov3_tiny") == []  # data come in per shard
+    assert plan.data_inputs("dinov3_channels", "dinov3_tiny", "slice-1of2") == ["results/default/data/photos/max-0/1of2/index.tsv"]
 
 
 def test_real_config_validates(repo):
@@ -165,13 +166,16 @@ def test_every_shard_spec_is_fully_defaulted_from_the_schema(cfg):
     plan = Plan(cfg)
     for pname, probe in plan.probes.items():
         schema = probe_schema(pname)
-        dropped = set(probe.axis_keys.values()) | {"resources", "threads", "enabled"}
+        # model lists live in the rule (one spec per model; aux models resolved into spec.models)
+        dropped = set(probe.axis_keys.values()) | {"resources", "threads", "enabled", "models", "aux_models"}
         want = {k: v["default"] for k, v in schema["properties"].items() if "default" in v and k not in dropped}
         for m, shard in plan.shards(pname)[:1]:
             spec = plan.spec(pname, m, shard)
             for k, default in want.items():
                 assert k in spec.probe_cfg, (pname, k)
-                if k not in cfg["probes"][pname] or cfg["probes"][pname][k] == default:
+                if k == "checkpoint_root":  # null: the study's own folder (layout)
+                    assert spec.probe_cfg[k] == plan.layout.checkpoints(pname)
+                elif k not in cfg["probes"][pname] or cfg["probes"][pname][k] == default:
                     assert spec.probe_cfg[k] == default
             # the typed settings: frozen, tuples for lists, equal to the defaulted config
             s = spec.settings
@@ -231,3 +235,116 @@ def test_list_and_caption_files_parse_against_hand_written_rows(tmp_path):
     f.write_text("a.png\tone\na.png\ttwo\n")
     with pytest.raises(DataError, match=r"line 2: file name 'a.png' is repeated"):
         parse_captions_file(f, "datasets.x.captions")
+
+
+# ---------------------------------------------------------------- what a shard depends on, and nothing else
+def with_study(c, name):
+    """The config as study `name`: its own fine-tuned checkpoints are under results/<name>/ too."""
+    c["study"] = name
+    for m in c["models"].values():
+        m["source"] = m["source"].replace("results/default/", f"results/{name}/")
+
+
+def _spec_and_hash(c, probe, model):
+    validate_config(c)
+    plan = Plan(c)
+    return plan.base_spec_json(probe, model), plan.config_hash(probe, model), plan.exec_json(probe)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c: c["runtime"].__setitem__("threads", 7),
+    lambda c: c["runtime"].__setitem__("device", "cpu"),
+    lambda c: c["probes"]["sd3_textgrad"].__setitem__("models", ["sd3_tiny_recon", "sd3_tiny"]),  # reorder, drop one
+    lambda c: c["probes"]["sd3_textgrad"].__setitem__("seeds", [1, 0, 5]),
+    lambda c: c["probes"]["sd3_textgrad"].__setitem__("timesteps", [500, 900]),
+    lambda c: c["probes"]["sd3_textgrad"].__setitem__("batch_size", 3),  # samples do not interact
+    lambda c: c["probes"]["sd3_textgrad"].__setitem__("memory_budget_mb", 17),
+    lambda c: c["probes"]["sd3_textgrad"].__setitem__("threads", 2),
+    lambda c: c["probes"]["sd3_textgrad"].__setitem__("resources", {"gpus": 4, "qos": "long"}),
+])
+def test_spec_ignores_execution_knobs(cfg, edit):
+    spec, h, _ = _spec_and_hash(copy.deepcopy(cfg), "sd3_textgrad", "sd3_tiny")
+    c = copy.deepcopy(cfg)
+    edit(c)
+    spec2, h2, _ = _spec_and_hash(c, "sd3_textgrad", "sd3_tiny")
+    assert (spec2, h2) == (spec, h)
+
+
+@pytest.mark.parametrize("probe, model, edit", [
+    ("sd3_textgrad", "sd3_tiny", lambda c: c["probes"]["sd3_textgrad"].__setitem__("topk", 3)),
+    ("sd3_textgrad", "sd3_tiny", lambda c: c["probes"]["sd3_textgrad"].__setitem__("max_images", 5)),
+    ("sd3_textgrad", "sd3_tiny", lambda c: c["models"]["sd3_tiny"].__setitem__("seed", 3)),
+    ("sd3_recon_train", "sd3_tiny", lambda c: c["probes"]["sd3_recon_train"].__setitem__("batch_size", 2)),  # changes training
+    ("sdxl_ablation", "sdxl_tiny", lambda c: c["models"]["clip_tiny"].__setitem__("seed", 1)),  # the scorer it uses
+    ("dinov3_channels", "dinov3_tiny", lambda c: with_study(c, "other")),
+])
+def test_spec_follows_what_changes_numbers(cfg, probe, model, edit):
+    spec, h, _ = _spec_and_hash(copy.deepcopy(cfg), probe, model)
+    c = copy.deepcopy(cfg)
+    edit(c)
+    spec2, h2, _ = _spec_and_hash(c, probe, model)
+    assert spec2 != spec and h2 != h
+
+
+def test_unused_aux_model_is_outside_the_spec(cfg):
+    c = copy.deepcopy(cfg)
+    c["probes"]["sdxl_ablation"]["clip_model"] = None  # listed in aux_models, but no setting uses it
+    spec, h, _ = _spec_and_hash(c, "sdxl_ablation", "sdxl_tiny")
+    assert "clip_tiny" not in spec
+    c["models"]["clip_tiny"]["seed"] = 9
+    assert _spec_and_hash(c, "sdxl_ablation", "sdxl_tiny")[:2] == (spec, h)
+    assert Plan(c).shard_inputs("sdxl_ablation", "sdxl_tiny") == ["results/default/models/sdxl_tiny"]
+
+
+def test_exec_settings_reach_the_shard_spec(cfg):
+    """What run-shard gets: the spec file plus --exec (device, batch sizes): the shard sees them."""
+    import json
+
+    c = copy.deepcopy(cfg)
+    c["runtime"]["device"] = "cpu"
+    c["probes"]["sd3_textgrad"]["batch_size"] = 3
+    validate_config(c)
+    plan = Plan(c)
+    ex = json.loads(plan.exec_json("sd3_textgrad"))
+    assert ex == {"device": "cpu", "probe_cfg": {"batch_size": 3, "memory_budget_mb": 2048}}
+    spec = plan.spec("sd3_textgrad", "sd3_tiny", "timestep-900__seed-0__slice-0of1")
+    assert spec.device == "cpu" and spec.probe_cfg["batch_size"] == 3 and spec.settings.batch_size == 3
+
+
+def test_studies_have_disjoint_paths(cfg):
+    a, b = copy.deepcopy(cfg), copy.deepcopy(cfg)
+    with_study(a, "a")
+    with_study(b, "b")
+    pa, pb = Plan(a), Plan(b)
+    paths = lambda p: (p.shard_paths("dinov3_channels") + p.figure_paths("sd3_textgrad")
+                       + p.table_paths("sd3_textgrad", "sd3_tiny") + [p.model("sd3_tiny")["path"]]
+                       + p.data_inputs("dinov3_channels", "dinov3_tiny", "slice-0of2")
+                       + [p.probe_cfg("sd3_recon_train")["checkpoint_root"]])
+    assert all(x.startswith("results/a/") for x in paths(pa)) and all(x.startswith("results/b/") for x in paths(pb))
+    assert Plan(cfg).layout.root == "results/default"
+
+
+def test_no_result_path_outside_layout(repo):
+    """Result paths are written in layerscope/layout.py only (no 'results/' literal elsewhere in code)."""
+    import re
+
+    files = [*(repo / "src/layerscope").rglob("*.py"), *(repo / "workflow/rules").glob("*.smk"), repo / "Snakefile"]
+    bad = []
+    for f in files:
+        if f.name == "layout.py":
+            continue
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if re.search(r"""["'f]results/|\{RESULTS\}""", code) and '"""' not in line:
+                bad.append(f"{f.relative_to(repo)}:{n}: {line.strip()}")
+    assert not bad, "\n".join(bad)
+
+
+def test_only_this_studys_results_may_be_missing_at_plan_time(cfg):
+    """A model path under results/<this study>/ is made by a rule (a fine-tuned checkpoint); one under
+    another study's folder is made by nothing here, so it must exist."""
+    c = copy.deepcopy(cfg)
+    c["models"]["sd3_tiny_ft"]["source"] = "results/other/sd3_recon_train/checkpoints/sd3_tiny/gamma-0__target-0__seed-0"
+    with pytest.raises(ConfigError, match=r"^config field models.sd3_tiny_ft.source: path 'results/other/.*' does not exist"):
+        Plan(c)
+    assert Plan(cfg).model("sd3_tiny_ft")["path"].startswith("results/default/sd3_recon_train/checkpoints/")

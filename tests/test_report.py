@@ -74,7 +74,7 @@ def test_every_figure_of_the_report_loads_in_chromium(report, browser):
     from layerscope.probes import get_probe
 
     probes = yaml.safe_load((wd / "study.yaml").read_text())["probes"]
-    declared = sorted(f"results/{p}/figures/{f}.png" for p in probes for f in get_probe(p).figures)
+    declared = sorted(f"results/default/{p}/figures/{f}.png" for p in probes for f in get_probe(p).figures)
     assert declared and sorted(summary["figures"]) == declared
     for path, fig in summary["figures"].items():
         assert (fig["width"], fig["height"]) == check_report.png_size(wd / path)

@@ -225,7 +225,7 @@ def test_probe_shard_checkpoint_merge_plot_and_plan(study, tmp_path, monkeypatch
     cfg = {
         "runtime": {"device": "cpu"},
         "models": {"tiny": {"family": "sd3", "source": str(study["tiny_t5"])},
-                   "tiny_recon": {"family": "sd3", "source": "results/sd3_recon/checkpoints/tiny/gamma-0.5__target-1__seed-0"}},
+                   "tiny_recon": {"family": "sd3", "source": "results/default/sd3_recon_train/checkpoints/tiny/gamma-0.5__target-1__seed-0"}},
         "datasets": {"toy": {"kind": "list", "path": str(lst)}},  # the index is built below
         "probes": {"sd3_recon_train": {"models": ["tiny"], "dataset": "toy", "gammas": [0.0, 0.5], "targets": [1],
                                        "seeds": [0], "steps": 3, "max_sequence_length": 8,
@@ -236,8 +236,10 @@ def test_probe_shard_checkpoint_merge_plot_and_plan(study, tmp_path, monkeypatch
     plan = Plan(cfg, tmp_path)
     assert plan.shards("sd3_recon_train") == [("tiny", "gamma-0__target-1__seed-0"), ("tiny", "gamma-0.5__target-1__seed-0")]
     assert plan.model("tiny_recon")["kind"] == "path"  # a path under results/ is produced by a rule
-    Path("results/data/toy").mkdir(parents=True)
-    Path("results/data/toy/index.tsv").write_bytes(Path(study["index"]).read_bytes())
+    from layerscope.data import build_slice
+
+    for idx in {i for m, lab in plan.shards("sd3_recon_train") for i in plan.data_inputs("sd3_recon_train", m, lab)}:
+        build_slice("toy", plan.dataset("toy"), 0, "0of1", idx)  # what the dataset_slice rule writes
 
     paths = []
     for model, label in plan.shards("sd3_recon_train"):
@@ -245,10 +247,10 @@ def test_probe_shard_checkpoint_merge_plot_and_plan(study, tmp_path, monkeypatch
         assert cli(["run-shard", "--spec", plan.spec_json("sd3_recon_train", model, label), "--out", out]) == 0
         paths.append(out)
     shards = [Shard(p) for p in paths]
-    ck = Path("results/sd3_recon/checkpoints/tiny/gamma-0.5__target-1__seed-0")
+    ck = Path("results/default/sd3_recon_train/checkpoints/tiny/gamma-0.5__target-1__seed-0")
     assert ck == Path(plan.model("tiny_recon")["path"])  # the checkpoint is exactly what the second model loads
     assert (ck / "model_index.json").is_file() and (ck / "transformer").is_dir()
-    assert Path("results/sd3_recon/checkpoints/tiny/gamma-0__target-1__seed-0/model_index.json").is_file()
+    assert Path("results/default/sd3_recon_train/checkpoints/tiny/gamma-0__target-1__seed-0/model_index.json").is_file()
     # full mode stores only the transformer; the other components are relative links to the base's
     import os
 
@@ -256,13 +258,13 @@ def test_probe_shard_checkpoint_merge_plot_and_plan(study, tmp_path, monkeypatch
     for comp in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "tokenizer", "scheduler"):
         assert (ck / comp).is_symlink() and not os.readlink(ck / comp).startswith("/"), comp
         assert (ck / comp).resolve() == (Path(study["tiny_t5"]) / comp).resolve(), comp
-    assert not list(Path("results/sd3_recon_train/shards/tiny").glob("*.resume"))  # resumable state cleaned
+    assert not list(Path("results/default/sd3_recon_train/shards/tiny").glob("*.resume"))  # resumable state cleaned
     man = json.loads((ck / "layerscope_checkpoint.json").read_text())
     assert man["train"]["gamma"] == 0.5 and man["train"]["target_layer"] == 1 and man["axes"]["seed"] == "0"
     assert shards[1].attrs["checkpoint"] == str(ck) and shards[1].attrs["target_hook"] == "transformer_blocks.0.hook_text_out"
 
-    merge_to_tables("sd3_recon_train", "tiny", paths, "results/sd3_recon_train/tables/tiny", plan.config_hash("sd3_recon_train", "tiny"))
-    df = pd.read_csv("results/sd3_recon_train/tables/tiny/losses.csv")
+    merge_to_tables("sd3_recon_train", "tiny", paths, "results/default/sd3_recon_train/tables/tiny", plan.config_hash("sd3_recon_train", "tiny"))
+    df = pd.read_csv("results/default/sd3_recon_train/tables/tiny/losses.csv")
     assert len(df) == 6 and set(df["gamma"]) == {0.0, 0.5}
     for sh in shards:
         sub = df[df["gamma"] == float(sh.axes["gamma"])]
@@ -293,8 +295,8 @@ def test_probe_shard_checkpoint_merge_plot_and_plan(study, tmp_path, monkeypatch
         per.append(clip + t5)
     sums = {a + b for a, b in combinations_with_replacement(per, 2)}
     assert set(on["n_valid_tokens"]) <= sums and (on["n_valid_tokens"] > max(per)).all()
-    plot_from_tables("sd3_recon_train", ["results/sd3_recon_train/tables/tiny"], "results/sd3_recon_train/figures", "test")
-    assert Path("results/sd3_recon_train/figures/loss_curves.png").stat().st_size > 10_000
+    plot_from_tables("sd3_recon_train", ["results/default/sd3_recon_train/tables/tiny"], "results/default/sd3_recon_train/figures", "test")
+    assert Path("results/default/sd3_recon_train/figures/loss_curves.png").stat().st_size > 10_000
 
     # a target layer beyond the model fails before any training, naming the key and the range
     spec = plan.spec("sd3_recon_train", "tiny", "gamma-0.5__target-1__seed-0")
@@ -448,9 +450,11 @@ def test_shard_killed_by_sigkill_resumes_through_the_cli(study, tmp_path, monkey
            "datasets": {"toy": {"kind": "list", "path": str(lst)}},
            "probes": {"sd3_recon_train": pcfg}}
     validate_config(cfg)
-    Path("results/data/toy").mkdir(parents=True)
-    Path("results/data/toy/index.tsv").write_bytes(Path(study["index"]).read_bytes())
     plan = Plan(cfg, tmp_path)
+    from layerscope.data import build_slice
+
+    for idx in {i for m, lab in plan.shards("sd3_recon_train") for i in plan.data_inputs("sd3_recon_train", m, lab)}:
+        build_slice("toy", plan.dataset("toy"), 0, "0of1", idx)  # what the dataset_slice rule writes
     (model, label), = plan.shards("sd3_recon_train")
     spec = plan.spec_json("sd3_recon_train", model, label)
     out = Path(plan.shard_path("sd3_recon_train", model, label))

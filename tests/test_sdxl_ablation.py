@@ -30,14 +30,14 @@ PROMPTS = ["a red cube on a table", "a photograph of a blue dog"]
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     wd = tmp_path_factory.mktemp("study")
-    build_tiny("sdxl", "default", 0, wd / "results/models/sdxl_tiny")
-    build_tiny("clip", "default", 0, wd / "results/models/clip_tiny")
+    build_tiny("sdxl", "default", 0, wd / "results/default/models/sdxl_tiny")
+    build_tiny("clip", "default", 0, wd / "results/default/models/clip_tiny")
     return wd
 
 
 @pytest.fixture(scope="module")
 def pipe(workdir):
-    return fam.load({"kind": "path", "path": str(workdir / "results/models/sdxl_tiny")}, torch.device("cpu"), torch.float32)
+    return fam.load({"kind": "path", "path": str(workdir / "results/default/models/sdxl_tiny")}, torch.device("cpu"), torch.float32)
 
 
 def config(**probe) -> dict:
@@ -119,7 +119,7 @@ def test_tiny_groups_and_auto_planning(workdir, pipe, monkeypatch):
     assert ("sdxl_tiny", "group-mid_block.attentions.0__prompt-p1__seed-0") in shards
     # a local checkpoint directory is read from its unet/config.json, still without torch
     cfg = config(groups="auto")
-    cfg["models"]["sdxl_tiny"]["source"] = "results/models/sdxl_tiny"
+    cfg["models"]["sdxl_tiny"]["source"] = "results/default/models/sdxl_tiny"
     assert Plan(cfg, workdir).shards("sdxl_ablation") == shards
     # the prompt text is hashed (labels are positions), seeds are not
     h = plan.config_hash("sdxl_ablation", "sdxl_tiny")
@@ -256,7 +256,7 @@ def test_end_to_end_scores_grid_and_controls(workdir, monkeypatch, tmp_path):
     assert (sc.loc[sc.group != "none", "max_abs_kept_out"] > 0).all()
     assert (sc.n_zeroed == sc.group.map(lambda g: {"all": 0, "none": 4}.get(g, 3))).all()
     # SSIM recomputed on the PNG exports; CLIP cosine recomputed from the towers in float64
-    model, proc = clipfam.load({"kind": "path", "path": str(workdir / "results/models/clip_tiny")},
+    model, proc = clipfam.load({"kind": "path", "path": str(workdir / "results/default/models/clip_tiny")},
                                torch.device("cpu"), torch.float32)
     for r in sc.sample(4, random_state=0).itertuples():
         png = im[(im.prompt == r.prompt) & (im.group == r.group) & (im.seed == r.seed)]["png"].iloc[0]

@@ -251,13 +251,13 @@ def test_default_study_under_slurm_matches_local_run(slurm_cluster, tmp_path):
         assert rules.count(f"{probe}_merge") == 1 and rules.count(f"{probe}_figures") == 1, rules
     assert all("gres/gpu" not in tres(j["ReqTRES"]) for j, rule in zip(jobs, rules) if not rule.endswith("_shard"))
 
-    tables = sorted(p.relative_to(local) for p in local.glob("results/*/tables/*/*.csv"))
-    assert {p.parts[1] for p in tables} == set(study["probes"]), tables
-    assert tables == sorted(p.relative_to(cluster) for p in cluster.glob("results/*/tables/*/*.csv"))
+    tables = sorted(p.relative_to(local) for p in local.glob("results/*/*/tables/*/*.csv"))
+    assert {p.parts[2] for p in tables} == set(study["probes"]), tables  # results/<study>/<probe>/tables/...
+    assert tables == sorted(p.relative_to(cluster) for p in cluster.glob("results/*/*/tables/*/*.csv"))
     for t in tables:
         pd.testing.assert_frame_equal(pd.read_csv(local / t), pd.read_csv(cluster / t), check_exact=False, rtol=1e-9)
-    figures = sorted(p.relative_to(cluster) for p in cluster.glob("results/*/figures/*.png"))
-    assert figures and figures == sorted(p.relative_to(local) for p in local.glob("results/*/figures/*.png"))
+    figures = sorted(p.relative_to(cluster) for p in cluster.glob("results/*/*/figures/*.png"))
+    assert figures and figures == sorted(p.relative_to(local) for p in local.glob("results/*/*/figures/*.png"))
 
     # the report of the cluster run (built on the login node) shows every figure in a browser;
     # caption wording is tests/test_report.py's business
@@ -269,7 +269,7 @@ def test_default_study_under_slurm_matches_local_run(slurm_cluster, tmp_path):
         assert [p for p in problems if "caption" not in p] == [], problems
         from layerscope.probes import get_probe
 
-        declared = sorted(f"results/{p}/figures/{f}.png" for p in study["probes"] for f in get_probe(p).figures)
+        declared = sorted(f"results/default/{p}/figures/{f}.png" for p in study["probes"] for f in get_probe(p).figures)
         assert sorted(summary["figures"]) == declared
 
 
@@ -350,4 +350,4 @@ def test_per_probe_slurm_resources_reach_sbatch(slurm_cluster, tmp_path):
     (merge,) = jobs["rule_dinov3_channels_merge_wildcards_d"]
     m = slurm_cluster.scontrol_job(merge["JobID"])
     assert m["Nice"] == "0" and m["Features"] == "(null)" and "gres/gpu" not in m["TRES"], m  # per probe: shards only
-    assert (tmp_path / "results/benchmarks/dinov3_channels/shards/d/slice-0of1.tsv").is_file()
+    assert (tmp_path / "results/default/benchmarks/dinov3_channels/shards/d/slice-0of1.tsv").is_file()

@@ -15,8 +15,8 @@ from conftest import run_snakemake
 
 pytestmark = pytest.mark.slow
 
-SHARD = "results/dinov3_channels/shards/dinov3_tiny/slice-{}of2.h5"
-TABLES = "results/dinov3_channels/tables/dinov3_tiny"
+SHARD = "results/default/dinov3_channels/shards/dinov3_tiny/slice-{}of2.h5"
+TABLES = "results/default/dinov3_channels/tables/dinov3_tiny"
 
 
 def job_counts(dry_run_stdout: str) -> dict[str, int]:
@@ -48,7 +48,7 @@ def study(tmp_path_factory, repo):
 
 def test_study_writes_tables_and_figures(study):
     for f in ("std_max_abs_per_layer", "outlier_channels_heatmap", "magnitude_vs_layer"):
-        p = study / "results/dinov3_channels/figures" / f"{f}.png"
+        p = study / "results/default/dinov3_channels/figures" / f"{f}.png"
         assert p.stat().st_size > 10_000
     ch = pd.read_csv(study / TABLES / "channels.csv")
     assert set(ch["rep"]) == {"pre", "per_layer_ln", "global_ln"} and set(ch["role"]) == {"cls", "patch"}
@@ -71,7 +71,7 @@ def test_deleting_one_shard_reruns_only_it_and_its_dependents(study):
 
 
 def _merge_log(study) -> str:
-    return (study / "results/logs/dinov3_channels/merge/dinov3_tiny.log").read_text()
+    return (study / "results/default/logs/dinov3_channels/merge/dinov3_tiny.log").read_text()
 
 
 def test_corrupt_shard_fails_merge_naming_file_and_rerun_command(study):
@@ -144,9 +144,9 @@ def test_user_error_is_not_retried_at_doubled_resources(study):
     got = [(int(re.search(r"mem_mb=(\d+)", x).group(1)), int(re.search(r"runtime=(\d+)", x).group(1)))
            for x in re.findall(r"resources: (.*)", log)]
     assert got == [(8000, 60), (8000, 60)], log[-3000:]
-    shard_log = (study / "results/logs/dinov3_channels/shards/dinov3_tiny/slice-0of2.log").read_text().strip().splitlines()
+    shard_log = (study / "results/default/logs/dinov3_channels/shards/dinov3_tiny/slice-0of2.log").read_text().strip().splitlines()
     assert shard_log[-1].startswith("layerscope: error: config field probes: LAYERSCOPE_FAULT: injected user error"), shard_log[-3:]
-    marker = study / "results/logs/user-errors" / (SHARD.format(0) + ".err")
+    marker = study / "results/default/logs/user-errors" / (SHARD.format(0).removeprefix("results/default/") + ".err")
     assert marker.is_file()
     run_snakemake(study, SHARD.format(0), config=study / "study.yaml")
     assert not marker.exists()  # a success clears it: the next real failure doubles again

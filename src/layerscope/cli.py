@@ -3,8 +3,10 @@
     layerscope check-config config.yaml             validate and print the shard plan
     layerscope fetch config.real.yaml               download the study's hub models (login node)
     layerscope build-model --family F --arch A --seed S --out DIR
-    layerscope dataset-index --name N --spec JSON --out results/data/N/index.tsv
-    layerscope run-shard --spec JSON --out SHARD.h5  one shard (spec as JSON text or @file)
+    layerscope dataset-index --name N --spec JSON --out INDEX.tsv
+    layerscope dataset-slice --name N --spec JSON --max-images M --slice IofN --out INDEX.tsv
+    layerscope run-shard --spec JSON --out SHARD.h5 [--shard LABEL] [--exec JSON]
+                                                     one shard (spec as JSON text or @file)
     layerscope merge --probe P --model M [--expect-hash H] --out-dir DIR SHARD...
     layerscope plot --probe P --out-dir DIR TABLE_DIR...
     layerscope inspect SHARD.h5                      provenance of a shard
@@ -37,17 +39,7 @@ def _load_spec(text: str) -> dict[str, Any]:
     return json.loads(text)
 
 
-USER_ERROR_DIR = "results/logs/user-errors"
-
-
-def user_error_marker(out: str | os.PathLike) -> str | None:
-    """Where ``run-shard`` notes that its output failed on bad input (relative to the study's working
-    directory; None for an output outside it): the workflow's resource callables read it so a retry
-    after a user error does not double memory and runtime."""
-    rel = os.path.normpath(str(out))
-    if os.path.isabs(rel) or rel.split(os.sep)[0] == "..":
-        return None
-    return os.path.join(USER_ERROR_DIR, rel + ".err")
+from layerscope.layout import user_error_marker  # noqa: E402,F401  (re-exported: the rules import it from here)
 
 
 def _inject_fault(out: Path) -> None:
@@ -122,12 +114,18 @@ def cmd_run_shard(args: argparse.Namespace) -> None:
             raise ConfigError(f"--shard: {e}") from None
     if args.threads:
         d["threads"] = args.threads
+    if args.exec:  # execution knobs (device, batch sizes the numbers do not depend on): outside the spec file
+        ex = json.loads(args.exec)
+        d["probe_cfg"] = {**d.get("probe_cfg", {}), **ex.get("probe_cfg", {})}
+        if ex.get("device"):
+            d["device"] = ex["device"]
     spec = ShardSpec.from_json_dict(d)
     # a shard job meeting bad settings (an old spec, a hand-edited one) names the field in one line
     get_probe(spec.probe).settings(spec.probe_cfg)
     set_threads(spec.threads)
     probe = get_probe(spec.probe)
-    digests = {name: index_digest(d["index"]) for name, d in spec.datasets.items() if d.get("index")}
+    # the digest of the data this shard read: its own slice's index (shards of other slices differ)
+    digests = {name: index_digest(spec.data_index()) for name in spec.datasets} if spec.datasets else {}
     prov = {
         "probe": spec.probe, "model": spec.model, "axes": spec.axes, "config_hash": spec.config_hash,
         "data_digest": json.dumps(digests, sort_keys=True), "spec": spec.to_json_dict(),
@@ -211,6 +209,12 @@ def cmd_dataset_index(args: argparse.Namespace) -> None:
     build_index(args.name, _load_spec(args.spec), args.out)
 
 
+def cmd_dataset_slice(args: argparse.Namespace) -> None:
+    from layerscope.data import build_slice
+
+    build_slice(args.name, _load_spec(args.spec), args.max_images, args.slice, args.out)
+
+
 def cmd_check_config(args: argparse.Namespace) -> None:
     from layerscope.estimate import format_estimates
     from layerscope.plan import plan_from_file
@@ -281,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shard", default=None, help="shard label (axis-value__...): completes a base spec")
     s.add_argument("--out", required=True)
     s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--exec", default=None, help="execution settings as JSON: device, probe settings the numbers do not depend on")
     s.set_defaults(func=cmd_run_shard)
 
     s = sub.add_parser("write-spec", help="write a (probe, model) base spec file")
@@ -317,13 +322,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_dataset_index)
 
+    s = sub.add_parser("dataset-slice", help="write one data slice's index TSV (items chosen by a stable key)")
+    s.add_argument("--name", required=True)
+    s.add_argument("--spec", required=True)
+    s.add_argument("--max-images", type=int, default=0)
+    s.add_argument("--slice", required=True, help="IofN")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_dataset_slice)
+
     s = sub.add_parser("check-config", help="validate a config and print its shard plan")
     s.add_argument("config")
     s.set_defaults(func=cmd_check_config)
 
     s = sub.add_parser("status", help="shards done / missing / refused and GPU hours, per probe and model")
     s.add_argument("--config", default=None, help="the study's config (default: <workdir>/config.yaml)")
-    s.add_argument("--workdir", default=".", help="the study's working directory (where results/ is)")
+    s.add_argument("--workdir", default=".", help="the study's working directory (where results/<study>/ is)")
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("fetch", help="download every hub model of a study (login node; only the files the loaders read)")

@@ -160,8 +160,9 @@ def read_index(path: str | Path) -> list[Record]:
     if not path.is_file():
         raise DataError(f"dataset index {path} does not exist (it is built by the dataset_index rule)")
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    if not rows or set(rows[0]) != {"image_id", "path", "caption"}:
+        reader = csv.DictReader(f, delimiter="\t")
+        rows = list(reader)  # may be empty: a data slice chosen by item key can hold no item
+    if set(reader.fieldnames or ()) != {"image_id", "path", "caption"}:
         raise DataError(f"{path}: not a dataset index (expected columns image_id, path, caption)")
     return [Record(int(r["image_id"]), r["path"], r["caption"] or "") for r in rows]
 
@@ -254,3 +255,148 @@ def load_image(path: str | Path, size: int) -> Image.Image:
     w, h = img.size
     left, top = (w - size) // 2, (h - size) // 2
     return img.crop((left, top, left + size, top + size))
+
+
+# ---------------------------------------------------------------- stable slices
+# A data slice is chosen by a stable key of each item, never by its position: adding an image
+# touches only the slice it lands in (positions would shift every slice after it). The trade-off:
+# slices are unequal in size (a binomial spread around len/n), and `max_images` keeps the first N
+# items in listing order, so an item that sorts before the cut displaces the last one kept (two
+# slices change, not one). The merge still checks that slice labels 0..n-1 are all present, and
+# every item lands in exactly one of them, so coverage stays exact.
+
+
+@dataclass(frozen=True)
+class Item:
+    """One dataset item before any image is read: ``ident`` is its stable name (the skimage stem,
+    the path relative to a folder, or the path as a list file writes it)."""
+
+    ident: str
+    path: str  # absolute path, or '' for skimage photographs (written out by build_slice)
+    caption: str
+
+    @property
+    def key(self) -> str:
+        return item_key(self.ident)
+
+    @property
+    def image_id(self) -> int:
+        """A stable integer id (60 bits of the key): the same item has the same id in any slicing,
+        so per-image noise and de-duplication do not depend on the listing."""
+        return int(self.key[:15], 16)
+
+
+def item_key(ident: str) -> str:
+    return hashlib.sha256(ident.encode("utf-8")).hexdigest()
+
+
+def slice_of(key: str, n: int) -> int:
+    """The slice (0..n-1) an item of this key belongs to, among ``n``."""
+    return int(key[:15], 16) % n
+
+
+def list_items(name: str, ds: Mapping[str, Any]) -> list[Item]:
+    """Every item of a dataset in listing order, from file names and list/caption files only."""
+    kind = ds["kind"]
+    if kind == "skimage":
+        return [Item(stem, "", cap) for stem, cap in SKIMAGE_PHOTOS.items()]
+    if kind == "folder":
+        root = Path(ds["path"])
+        if not root.is_dir():
+            raise DataError(f"datasets.{name}.path: {root} is not a directory")
+        caps = parse_captions_file(ds["captions"], f"datasets.{name}.captions") if ds.get("captions") else {}
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"datasets.{name}.path: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) below {root}")
+        return [Item(p.relative_to(root).as_posix(), str(p.resolve()), caps.get(p.name, p.stem.replace("_", " ")))
+                for p in files]
+    if kind == "list":
+        lst = Path(ds["path"])
+        if not lst.is_file():
+            raise DataError(f"datasets.{name}.path: {lst} does not exist")
+        out = []
+        for n, path, cap in parse_list_file(lst, f"datasets.{name}.path"):
+            p = Path(path)
+            p = p if p.is_absolute() else lst.parent / p
+            out.append(Item(path, str(p.resolve()), cap))
+        return out
+    raise DataError(f"datasets.{name}.kind: unknown kind {kind!r}")
+
+
+def slice_items(items: list[Item], max_images: int, slice_label: str) -> list[Item]:
+    """The items of one slice ``IofN``: the first ``max_images`` (0: all), then those whose key
+    falls in slice I of N, in listing order."""
+    from layerscope.probes.base import parse_slice
+
+    i, n = parse_slice(slice_label)
+    cut = items[:max_images] if max_images else items
+    return [it for it in cut if slice_of(it.key, n) == i]
+
+
+def slice_fingerprints(name: str, ds: Mapping[str, Any], max_images: int, n: int) -> list[str]:
+    """What each of the ``n`` slices is built from, cheaply (names, captions, sizes and mtimes; no
+    image read): a param of the slice rule, so an added or changed image reruns only the slice that
+    holds it. One listing and one stat per item for all ``n`` slices (a dry run of many slices of a
+    large folder stays linear)."""
+    h = [hashlib.sha256(f"{ds.get('kind')}\n".encode()) for _ in range(n)]
+    extra = b""
+    if ds.get("kind") == "skimage":
+        from importlib.metadata import version
+
+        extra = version("scikit-image").encode()
+    try:
+        items = list_items(name, ds)
+    except DataError as e:  # the slice job reports it; the plan still forms
+        return ["error:" + hashlib.sha256(str(e).encode()).hexdigest()[:16]] * n
+    for it in items[:max_images] if max_images else items:
+        try:
+            st = Path(it.path).stat() if it.path else None
+            stat = f"{st.st_size}\t{st.st_mtime_ns}" if st else ""
+        except OSError:
+            stat = "missing"
+        h[slice_of(it.key, n)].update(f"{it.ident}\t{it.caption}\t{stat}\n".encode())
+    for x in h:
+        x.update(extra)
+    return [x.hexdigest()[:16] for x in h]
+
+
+def slice_fingerprint(name: str, ds: Mapping[str, Any], max_images: int, slice_label: str) -> str:
+    """:func:`slice_fingerprints` of one slice ``IofN``."""
+    from layerscope.probes.base import parse_slice
+
+    i, n = parse_slice(slice_label)
+    return slice_fingerprints(name, ds, max_images, n)[i]
+
+
+def build_slice(name: str, ds: Mapping[str, Any], max_images: int, slice_label: str, out: str | Path) -> Path:
+    """Write one slice's index TSV (image_id, path, caption) - and, for skimage, its images beside it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    items = slice_items(list_items(name, ds), max_images, slice_label)
+    rows: list[tuple[int, str, str]] = []
+    for it in items:
+        path = it.path
+        if not path:  # skimage: write the photograph out so shards treat it like any image file
+            import numpy as np
+            import skimage.data
+
+            arr = getattr(skimage.data, it.ident)()
+            if arr.dtype == bool:
+                arr = arr.astype("uint8") * 255
+            if arr.ndim == 2:
+                arr = np.stack([arr] * 3, axis=-1)
+            img_dir = out.parent / "images"
+            img_dir.mkdir(exist_ok=True)
+            p = img_dir / f"{it.ident}.png"
+            Image.fromarray(arr[..., :3].astype("uint8")).save(p)
+            path = str(p)
+        elif not Path(path).is_file():
+            raise DataError(f"datasets.{name}.path: image {path} does not exist")
+        rows.append((it.image_id, path, it.caption))
+    tmp = out.with_name(f".partial-{out.name}")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(["image_id", "path", "caption"])
+        w.writerows(rows)
+    tmp.replace(out)
+    return out

@@ -174,10 +174,14 @@ def load_shards(paths: Iterable[str | Path], probe: str, model: str, expect_hash
     if not problems:
         problems += _group_set_mismatch(shards, p)
     if not problems:
-        digests = {sh.attrs.get("data_digest") for sh in shards}
-        if len(digests) > 1:
-            for sh in shards:
-                problems.append((sh.path, f"saw dataset index {sh.attrs.get('data_digest')}; shards disagree ({', '.join(sorted(map(str, digests)))})"))
+        # shards of one data slice must have seen the same data; slices differ (each records its own)
+        by_slice: dict[str, set] = {}
+        for sh in shards:
+            by_slice.setdefault(sh.axes.get("slice", ""), set()).add(sh.attrs.get("data_digest"))
+        for sh in shards:
+            digests = by_slice[sh.axes.get("slice", "")]
+            if len(digests) > 1:
+                problems.append((sh.path, f"saw dataset index {sh.attrs.get('data_digest')}; shards of its slice disagree ({', '.join(sorted(map(str, digests)))})"))
         if "slice" in p.axes and not problems:
             by_rest: dict[tuple, list[tuple[int, int]]] = {}
             for sh in shards:

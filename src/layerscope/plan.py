@@ -3,12 +3,20 @@
 Pure Python (yaml and jsonschema only): the Snakefile imports this at parse time, and every SLURM
 job re-reads the Snakefile, so nothing here may import torch or touch model files.
 
-The shard identity is its path::
+The shard identity is its path (:mod:`layerscope.layout` owns every result path)::
 
-    results/<probe>/shards/<model>/<axis>-<label>__<axis>-<label>....h5
+    results/<study>/<probe>/shards/<model>/<axis>-<label>__<axis>-<label>....h5
 
-so ``snakemake --forcerun results/dinov3_channels/shards/dinov3_tiny/slice-1of2.h5`` reruns exactly
-that shard, and the merge can check a shard's recorded axes against its file name.
+so ``snakemake --forcerun results/default/dinov3_channels/shards/dinov3_tiny/slice-1of2.h5`` reruns
+exactly that shard, and the merge can check a shard's recorded axes against its file name.
+
+What a shard depends on, and nothing else: its (probe, model) spec file holds that model, its
+data's slice template, the *used* aux models and the settings that change its numbers. Execution
+knobs - threads, resources, ``runtime`` (device), the order of lists, the other models of the
+probe's ``models:`` list, and each probe's ``exec_keys`` (batch sizes the probe guarantees its
+numbers do not depend on) - reach the shard job through its command line, not the spec, so
+changing them reruns nothing. Data reach a shard through its own slice file (one rule per slice,
+rerun when that slice's items change).
 """
 
 from __future__ import annotations
@@ -26,8 +34,9 @@ import yaml
 from layerscope.probes import PROBES, get_probe
 from layerscope.probes.base import LABEL_RE, Probe, ShardSpec
 
+from layerscope.layout import DEFAULT_STUDY, RESULTS, Layout  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RESULTS = "results"
 
 __all__ = ["ConfigError", "Plan", "load_config", "validate_config", "shard_label", "parse_shard_label", "canonical_hash",
            "arch_config"]
@@ -193,10 +202,14 @@ class Plan:
         self.config = config
         self.workdir = Path(workdir)
         self.runtime = dict(config.get("runtime", {}))
+        self.study = str(config.get("study") or DEFAULT_STUDY)
+        self.layout = Layout(self.study)
         self._models: dict[str, dict[str, Any]] = {}
         self._probes: dict[str, Probe] = {}
         self._base: dict[tuple[str, str], dict[str, Any]] = {}
         self._shards: dict[str, list[tuple[str, str]]] = {}
+        self._datasets: dict[str, dict[str, Any]] = {}
+        self._dataset_json: dict[str, str] = {}
         for name, mcfg in config.get("models", {}).items():
             self._models[name] = self._resolve_model(name, mcfg)
         from layerscope.hub import check_all_cached
@@ -220,7 +233,7 @@ class Plan:
 
     def _check_path(self, field: str, value: str, hub_hint: bool = False) -> str:
         p, rel = self._on_disk(value)
-        produced = not p.is_absolute() and p.parts[:1] == (RESULTS,)  # made by another rule of the study
+        produced = self.layout.is_produced(str(p))  # made by another rule of the study
         if not produced and not rel.exists():
             hint = " (a hub id needs the 'hub:' prefix)" if hub_hint else ""
             raise ConfigError(f"config field {field}: path '{value}' does not exist{hint}")
@@ -237,7 +250,7 @@ class Plan:
             if not NAME_RE.match(arch) or (known and arch not in known):
                 raise ConfigError(f"config field models.{name}.source: {json.dumps(src)} names no tiny architecture of family "
                                   f"{mcfg.get('family')} (known: {', '.join('tiny:' + a for a in known)})")
-            out.update(kind="tiny", arch=arch, path=f"{RESULTS}/models/{name}")
+            out.update(kind="tiny", arch=arch, path=self.layout.model_dir(name))
         elif src.startswith("hub:"):
             out.update(kind="hub", hub_id=src[4:], path=None)
         else:
@@ -289,30 +302,40 @@ class Plan:
         return self._models[name]
 
     def dataset(self, name: str) -> dict[str, Any]:
-        ds = self.config.get("datasets", {})
-        if name not in ds:
-            raise KeyError(name)
-        out = dict(ds[name])
-        if out.get("kind") in ("folder", "list") and not out.get("path"):
-            raise ConfigError(f"config field datasets.{name}.path: a '{out.get('kind')}' dataset needs a path")
-        if out.get("path"):
-            out["path"] = self._check_path(f"datasets.{name}.path", str(out["path"]))
-            self._check_dataset_files(name, out)
-        out["index"] = f"{RESULTS}/data/{name}/index.tsv"
+        """A dataset's config, its files checked once (every data slice job of a dry run asks)."""
+        if name not in self._datasets:
+            ds = self.config.get("datasets", {})
+            if name not in ds:
+                raise KeyError(name)
+            out = dict(ds[name])
+            if out.get("kind") in ("folder", "list") and not out.get("path"):
+                raise ConfigError(f"config field datasets.{name}.path: a '{out.get('kind')}' dataset needs a path")
+            if out.get("path"):
+                out["path"] = self._check_path(f"datasets.{name}.path", str(out["path"]))
+                self._check_dataset_files(name, out)
+            self._datasets[name] = out
+        return dict(self._datasets[name])
+
+    def dataset_json(self, name: str) -> str:
+        if name not in self._dataset_json:
+            self._dataset_json[name] = json.dumps(self.dataset(name), sort_keys=True)
+        return self._dataset_json[name]
+
+    def probe_cfg(self, probe: str) -> dict[str, Any]:
+        """A probe's settings with the study's defaults for paths filled in (``checkpoint_root``
+        null -> the study's ``<probe>/checkpoints``)."""
+        out = dict(self.config["probes"][probe])
+        if "checkpoint_root" in out and not out["checkpoint_root"]:
+            out["checkpoint_root"] = self.layout.checkpoints(probe)
         return out
 
-    @cached_property
-    def tiny_models(self) -> dict[str, dict[str, Any]]:
-        """Models built from configs by the study itself (rule build_tiny_model)."""
-        used = {m for (_, m) in self._base}
-        for base in self._base.values():
-            used.update(base["models"])
-        return {n: m for n, m in self._models.items() if m["kind"] == "tiny" and n in used}
-
-    @cached_property
-    def datasets_used(self) -> dict[str, dict[str, Any]]:
-        names = {d for base in self._base.values() for d in base["datasets"]}
-        return {n: self.dataset(n) for n in sorted(names)}
+    def aux_models_used(self, probe: str, pcfg: Mapping[str, Any] | None = None) -> list[str]:
+        """The aux models a probe's settings actually use: listed in ``aux_models`` *and* named by
+        one of its ``*_model`` settings (the CLIP scorer only when ``clip_model`` is set), so an
+        unused aux model changes neither the spec nor the hash."""
+        pcfg = self.config["probes"][probe] if pcfg is None else pcfg
+        named = {str(v) for k, v in pcfg.items() if k.endswith("_model") and v}
+        return [m for m in pcfg.get("aux_models", []) if m in named and m in self._models]
 
     # ---- probes and shards ----
     def _plan_probe(self, pname: str, probe: Probe, pcfg: Mapping[str, Any]) -> None:
@@ -326,9 +349,13 @@ class Plan:
                 datasets[dname] = self.dataset(dname)
             except KeyError:
                 raise ConfigError(f"config field probes.{pname}.{probe.datasets_key}: unknown dataset '{dname}'") from None
-        hashed_cfg = {k: v for k, v in pcfg.items() if k not in set(probe.axis_keys.values()) | {"models", "enabled", "resources", "threads"}}
-        # other models a probe refers to (e.g. a CLIP scorer) travel with the spec
-        extra = {m: self._models[m] for m in pcfg.get("aux_models", []) if m in self._models}
+        hashed_cfg = self._spec_cfg(pname, probe)
+        # other models a probe uses (e.g. a CLIP scorer) travel with the spec
+        extra = {m: self._models[m] for m in self.aux_models_used(pname, pcfg)}
+        for dname, d in datasets.items():
+            max_images = int(pcfg.get("max_images", 0) or 0)
+            d["slice_index"] = self.layout.data_slice_index(dname, max_images, "{slice}")
+            d["index"] = self.layout.data_slice_index(dname, max_images, "0of1")
         shards: list[tuple[str, str]] = []
         for i, m in enumerate(models):
             if m not in self._models:
@@ -351,7 +378,7 @@ class Plan:
                         raise ConfigError(f"config field probes.{pname}.{probe.axis_keys.get(axis, axis + 's')}: value '{v}' is repeated (axis values are a set)")
                     seen.add(v)
             hashed = {"probe": pname, "model": m, "model_cfg": mcfg, "probe_cfg": hashed_cfg,
-                      "datasets": datasets, "models": extra}
+                      "datasets": datasets, "models": extra, "study": self.study}
             self._base[(pname, m)] = {"config_hash": canonical_hash(hashed), "datasets": datasets, "models": extra}
             combos: list[dict[str, str]] = [{}]
             for axis in probe.axes:
@@ -369,9 +396,26 @@ class Plan:
     def models_of(self, probe: str) -> list[str]:
         return list(dict.fromkeys(m for m, _ in self._shards[probe]))
 
-    @staticmethod
-    def shard_path(probe: str, model: str, shard: str) -> str:
-        return f"{RESULTS}/{probe}/shards/{model}/{shard}.h5"
+    def _spec_cfg(self, probe: str, impl: Probe) -> dict[str, Any]:
+        """The settings that change a (probe, model)'s numbers: everything but the axis lists
+        (a shard's own values come from its label), the model lists, execution knobs and the
+        probe's ``exec_keys``."""
+        drop = set(impl.axis_keys.values()) | set(impl.exec_keys) | {"models", "aux_models", "enabled", "resources", "threads"}
+        return {k: v for k, v in self.probe_cfg(probe).items() if k not in drop}
+
+    def exec_settings(self, probe: str) -> dict[str, Any]:
+        """Execution knobs of a probe's shard jobs (``run-shard --exec``): the device and the
+        probe's ``exec_keys``. Outside the spec and the hash: changing them reruns nothing."""
+        pcfg = self.config["probes"][probe]
+        out: dict[str, Any] = {"device": str(self.runtime.get("device", "auto"))}
+        out["probe_cfg"] = {k: pcfg[k] for k in self._probes[probe].exec_keys if k in pcfg}
+        return out
+
+    def exec_json(self, probe: str) -> str:
+        return json.dumps(self.exec_settings(probe), sort_keys=True, separators=(",", ":"))
+
+    def shard_path(self, probe: str, model: str, shard: str) -> str:
+        return self.layout.shard(probe, model, shard)
 
     def shard_paths(self, probe: str, model: str | None = None) -> list[str]:
         return [self.shard_path(probe, m, s) for m, s in self.shards(probe, model)]
@@ -388,15 +432,12 @@ class Plan:
         Axis lists (seeds, slices, ...) are left out, so adding a seed or a model leaves the base
         specs - and so the shards - that already exist untouched; a shard's own axis values come
         from its file name."""
-        p = self._probes[probe]
         base = self._base[(probe, model)]
-        drop = set(p.axis_keys.values()) | {"resources", "threads", "enabled"}
         return {
             "probe": probe, "model": model, "axes": {},
-            "probe_cfg": {k: v for k, v in self.config["probes"][probe].items() if k not in drop},
+            "probe_cfg": self._spec_cfg(probe, self._probes[probe]),
             "model_cfg": self._models[model], "datasets": base["datasets"], "models": base["models"],
-            "config_hash": base["config_hash"], "threads": self.threads(probe),
-            "device": str(self.runtime.get("device", "auto")),
+            "config_hash": base["config_hash"],
         }
 
     def base_spec_json(self, probe: str, model: str) -> str:
@@ -405,14 +446,19 @@ class Plan:
     def spec(self, probe: str, model: str, shard: str) -> ShardSpec:
         d = self.base_spec(probe, model)
         d["axes"] = parse_shard_label(shard, self._probes[probe].axes)
+        ex = self.exec_settings(probe)
+        d["probe_cfg"] = {**d["probe_cfg"], **ex["probe_cfg"]}
+        d["device"], d["threads"] = ex["device"], self.threads(probe)
         return ShardSpec.from_json_dict(d)
 
     def spec_json(self, probe: str, model: str, shard: str) -> str:
         return json.dumps(self.spec(probe, model, shard).to_json_dict(), sort_keys=True, separators=(",", ":"))
 
-    @staticmethod
-    def spec_path(probe: str, model: str) -> str:
-        return f"{RESULTS}/{probe}/specs/{model}.json"
+    def data_inputs(self, probe: str, model: str, shard: str) -> list[str]:
+        """The data slice files one shard reads (probes without a slice axis read slice 0of1)."""
+        base = self._base[(probe, model)]
+        label = next((part[6:] for part in shard.split("__") if part.startswith("slice-")), "0of1")
+        return [str(d["slice_index"]).format(slice=label) for d in base["datasets"].values()]
 
     def model_inputs(self, name: str) -> list[str]:
         m = self._models[name]
@@ -421,18 +467,19 @@ class Plan:
         return out
 
     def shard_inputs(self, probe: str, model: str) -> list[str]:
+        """What a (probe, model)'s spec is made from on disk: the model's files and those of the
+        aux models it uses (data come in per shard: :meth:`data_inputs`)."""
         base = self._base[(probe, model)]
         out = self.model_inputs(model)
         for extra in base["models"]:
             out += self.model_inputs(extra)
-        out += [d["index"] for d in base["datasets"].values()]
         return out
 
     def table_paths(self, probe: str, model: str) -> list[str]:
-        return [f"{RESULTS}/{probe}/tables/{model}/{t}.csv" for t in self._probes[probe].tables]
+        return [self.layout.table(probe, model, t) for t in self._probes[probe].tables]
 
     def figure_paths(self, probe: str) -> list[str]:
-        return [f"{RESULTS}/{probe}/figures/{f}.png" for f in self._probes[probe].figures]
+        return [self.layout.figure(probe, f) for f in self._probes[probe].figures]
 
     def targets(self) -> list[str]:
         out: list[str] = []

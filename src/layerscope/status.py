@@ -4,7 +4,7 @@ For every planned shard a quick check (no arrays read): does the file exist, doe
 does it carry the ``complete`` mark and the format version, and was it made with the config hash
 the plan expects now (a shard of an older config is *refused*: the merge would refuse it too).
 Accelerator time is summed from the shard rules' Snakemake ``benchmark:`` files
-(``results/benchmarks/<probe>/shards/<model>/<shard>.tsv``: wall seconds ``s``, peak RSS
+(``results/<study>/benchmarks/<probe>/shards/<model>/<shard>.tsv``, ``Layout.shard_benchmark``: wall seconds ``s``, peak RSS
 ``max_rss`` in MB) times the GPUs each shard asked for (``probes.<p>.resources.gpus``).
 """
 
@@ -103,7 +103,7 @@ def study_status(plan: "Plan", workdir: str | Path = ".") -> list[ModelStatus]:
                     st.reasons.append(s.reason)
                 if (wd / rel).with_name(Path(rel).name.removesuffix(".h5") + ".resume").is_dir():
                     st.resumable += 1
-                bench = wd / "results" / "benchmarks" / probe / "shards" / model / f"{label}.tsv"
+                bench = wd / plan.layout.shard_benchmark(probe, model, label)
                 if bench.is_file():
                     secs, rss = read_benchmark(bench)
                     st.benchmarks += 1

@@ -21,6 +21,23 @@ try:
     PLAN = Plan(config, workdir=os.getcwd())
 except LayerscopeError as e:
     raise WorkflowError(str(e)) from None
+# every result path comes from the study's layout: results/<study>/... (layerscope.layout)
+LAYOUT = PLAN.layout
+
+
+class Untracked:
+    """A param value Snakemake passes to the command but does not track: its params rerun trigger
+    records only builtin values (str, int, list, ...) and skips any other object. Shard jobs get
+    their execution knobs (device, batch sizes the numbers do not depend on) this way, so changing
+    them reruns nothing. (A global read in the shell command would not do: Snakemake evaluates a
+    loop-defined rule's shell expression again at run time, with the loop variable's last value.)"""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __str__(self):
+        return self.text
+
 
 ENV = "../../envs/layerscope.yaml"
 # Rules call the `layerscope` CLI. It is on PATH when the environment is active (conda, or an
@@ -47,6 +64,8 @@ wildcard_constraints:
     model=SAFE,
     shard=r"[A-Za-z0-9.+=_-]+",
     dataset=SAFE,
+    max_images=r"\d+",
+    slice=r"\d+of\d+",
 
 
 def scaled(base, marker=None):
@@ -129,6 +148,12 @@ def forbidden_slurm_extra(extra):
     return ()
 
 
+def figure_caption():
+    """The text the figures carry: the study's name - never the config
+    file's name, so `--configfile` of a copy of the config reruns nothing."""
+    return f"(study {PLAN.study})"
+
+
 def caption(probe, figure):
     """Report caption file for a figure (a per-figure .rst, else the probe's)."""
     base = Path(workflow.basedir) / "workflow" / "report"
@@ -146,9 +171,9 @@ def shard_dir(probe, model):
     in a dry run of two models' tables) would count as missing (MissingInputException)."""
     if probe not in _SHARD_DIRS_MADE:
         for m in PLAN.models_of(probe):
-            os.makedirs(f"results/{probe}/shards/{m}", exist_ok=True)
+            os.makedirs(LAYOUT.shard_dir(probe, m), exist_ok=True)
         _SHARD_DIRS_MADE.add(probe)
-    d = f"results/{probe}/shards/{model}"
+    d = LAYOUT.shard_dir(probe, model)
     os.makedirs(d, exist_ok=True)
     return d
 
@@ -159,17 +184,9 @@ _SHARD_DIRS_MADE = set()
 def extra_outputs(probe, impl):
     """A probe's declared extra shard outputs (checkpoints, images), directories marked."""
     out = {}
-    for name, tmpl in impl.extra_outputs(config["probes"][probe]).items():
+    for name, tmpl in impl.extra_outputs(PLAN.probe_cfg(probe), LAYOUT).items():
         out[name] = directory(tmpl[:-1]) if tmpl.endswith("/") else tmpl
     return out
-
-
-def dataset_fingerprint(name):
-    """Listing + size + mtime of a dataset's images (a param of dataset_index: a changed or added
-    image reruns the index and the shards that read it)."""
-    from layerscope.data import content_fingerprint  # here, not at the top: the Snakefile stays light
-
-    return content_fingerprint(name, PLAN.dataset(name))
 
 
 def all_tables():
@@ -182,3 +199,19 @@ def print_nonfinite_summary():
 
     for line in nonfinite_summary(all_tables()):
         print(line, file=sys.stderr)
+
+
+def slice_fingerprint(dataset, max_images, slice_label):
+    """Names, captions, sizes and mtimes of one data slice's items (a param of dataset_slice); all
+    slices of a (dataset, max_images, count) from one listing, once per Snakemake process."""
+    from layerscope.data import slice_fingerprints  # here: the Snakefile stays light
+    from layerscope.probes.base import parse_slice
+
+    i, n = parse_slice(slice_label)
+    key = (dataset, max_images, n)
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = slice_fingerprints(dataset, PLAN.dataset(dataset), max_images, n)
+    return _FINGERPRINTS[key][i]
+
+
+_FINGERPRINTS = {}

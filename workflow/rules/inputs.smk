@@ -1,13 +1,13 @@
-# Inputs every probe shares: tiny models built from configs, and dataset index files.
+# Inputs every probe shares: tiny models built from configs, and data slices. Paths: layerscope.layout.
 
 
 rule build_tiny_model:
     output:
-        directory("results/models/{model}"),
+        directory(LAYOUT.model_dir("{model}")),
     log:
-        "results/logs/models/{model}.log",
+        LAYOUT.log("models", "{model}"),
     benchmark:
-        "results/benchmarks/models/{model}.tsv"
+        LAYOUT.benchmark("models", "{model}")
     conda:
         ENV
     threads: 1
@@ -22,13 +22,17 @@ rule build_tiny_model:
         "layerscope build-model --family {params.family:q} --arch {params.arch:q} --seed {params.seed:q} --out {output:q} > {log:q} 2>&1"
 
 
-rule dataset_index:
+# One job per data slice (IofN of the dataset cut to its first max_images items): items land in a
+# slice by a stable key (a hash of their name), and the slice's content fingerprint (names,
+# captions, sizes, mtimes of just its items) is a param, so an added or changed image reruns only
+# the slice that holds it - and only that slice's shards.
+rule dataset_slice:
     output:
-        "results/data/{dataset}/index.tsv",
+        LAYOUT.data_slice_index("{dataset}", "{max_images}", "{slice}"),
     log:
-        "results/logs/data/{dataset}.log",
+        LAYOUT.log("data", "{dataset}", "max-{max_images}", "{slice}"),
     benchmark:
-        "results/benchmarks/data/{dataset}.tsv"
+        LAYOUT.benchmark("data", "{dataset}", "max-{max_images}", "{slice}")
     conda:
         ENV
     threads: 1
@@ -36,9 +40,8 @@ rule dataset_index:
         mem_mb=scaled(2000),
         runtime=scaled(10),
     params:
-        spec=lambda w: json.dumps(PLAN.dataset(w.dataset)),
-        # listing + size + mtime of every image: adding or changing an image changes this param,
-        # so the index (and the shards that read it) rerun; the index's digest covers image bytes
-        content=lambda w: dataset_fingerprint(w.dataset),
+        spec=lambda w: PLAN.dataset_json(w.dataset),
+        content=lambda w: slice_fingerprint(w.dataset, int(w.max_images), w.slice),
     shell:
-        "layerscope dataset-index --name {wildcards.dataset:q} --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"
+        "layerscope dataset-slice --name {wildcards.dataset:q} --spec {params.spec:q} --max-images {wildcards.max_images}"
+        " --slice {wildcards.slice} --out {output:q} > {log:q} 2>&1"

@@ -1,11 +1,15 @@
-# Four rules per enabled probe, generated from the probe's declarations (layerscope.probes):
-#   <probe>_spec     one local job per model: what its shards share -> results/<probe>/specs/<model>.json
-#                    (rewritten when the model, data or settings change, so exactly the affected shards rerun)
-#   <probe>_shard    one job per (model, axis values): GPU work -> results/<probe>/shards/<model>/<shard>.h5
-#   <probe>_merge    one job per model: validated shards -> results/<probe>/tables/<model>/*.csv
-#   <probe>_figures  one job per probe: every model's tables -> results/<probe>/figures/*.png (in the report)
-# Every rule has a benchmark: file under results/benchmarks/ (wall time, max RSS; TSV), and every
-# shard log carries flushed progress lines (`tail -f results/logs/<probe>/shards/<model>/<shard>.log`).
+# Four rules per enabled probe, generated from the probe's declarations (layerscope.probes); every
+# path comes from the study's layout (layerscope.layout: results/<study>/...):
+#   <probe>_spec     one local job per model: what its shards share -> <probe>/specs/<model>.json
+#                    (only that model, its data's slice template, the aux models it uses and the
+#                    settings that change its numbers: rewritten when those change, never for
+#                    threads, resources, runtime, list order or another model)
+#   <probe>_shard    one job per (model, axis values): GPU work -> <probe>/shards/<model>/<shard>.h5
+#                    (inputs: the spec and, for data probes, the one data slice it reads)
+#   <probe>_merge    one job per model: validated shards -> <probe>/tables/<model>/*.csv
+#   <probe>_figures  one job per probe: every model's tables -> <probe>/figures/*.png (in the report)
+# Every rule has a benchmark: file under benchmarks/ (wall time, max RSS; TSV), and every shard log
+# carries flushed progress lines (`tail -f results/<study>/logs/<probe>/shards/<model>/<shard>.log`).
 
 for _probe, _impl in PLAN.probes.items():
 
@@ -15,11 +19,11 @@ for _probe, _impl in PLAN.probes.items():
         input:
             lambda w, p=_probe: PLAN.shard_inputs(p, w.model),
         output:
-            f"results/{_probe}/specs/{{model}}.json",
+            LAYOUT.spec(_probe, "{model}"),
         log:
-            f"results/logs/{_probe}/specs/{{model}}.log",
+            LAYOUT.log(_probe, "specs", "{model}"),
         benchmark:
-            f"results/benchmarks/{_probe}/specs/{{model}}.tsv"
+            LAYOUT.benchmark(_probe, "specs", "{model}")
         localrule: True
         conda:
             ENV
@@ -32,28 +36,31 @@ for _probe, _impl in PLAN.probes.items():
         shell:
             "layerscope write-spec --spec {params.spec:q} --out {output} > {log} 2>&1"
 
-    # static input and no per-job functions: a 10,000-shard dry run stays close to a bare Snakefile's
+    # a static spec input; data probes add one input function (the shard's data slice)
     rule:
         name:
             f"{_probe}_shard"
         input:
-            spec=f"results/{_probe}/specs/{{model}}.json",
+            spec=LAYOUT.spec(_probe, "{model}"),
+            data=(lambda w, p=_probe: PLAN.data_inputs(p, w.model, w.shard)) if _impl.datasets_key else [],
         output:
             **extra_outputs(_probe, _impl),
-            shard=f"results/{_probe}/shards/{{model}}/{{shard}}.h5",
+            shard=LAYOUT.shard(_probe, "{model}", "{shard}"),
         log:
-            f"results/logs/{_probe}/shards/{{model}}/{{shard}}.log",
+            LAYOUT.log(_probe, "shards", "{model}", "{shard}"),
         # wall time (s) and peak RSS (max_rss, MB) of every shard; `layerscope status` sums GPU hours
         benchmark:
-            f"results/benchmarks/{_probe}/shards/{{model}}/{{shard}}.tsv"
+            LAYOUT.shard_benchmark(_probe, "{model}", "{shard}")
         conda:
             ENV
         threads: PLAN.threads(_probe)
         resources:
             **probe_resources(_probe, 1 if _impl.gpu else 0),
+        params:
+            exec=Untracked(PLAN.exec_json(_probe)),
         shell:
             "layerscope run-shard --spec @{input.spec} --shard {wildcards.shard} --threads {threads}"
-            " --out {output.shard} > {log} 2>&1"
+            " --exec {params.exec:q} --out {output.shard} > {log} 2>&1"
 
     rule:
         name:
@@ -64,11 +71,11 @@ for _probe, _impl in PLAN.probes.items():
             shard_dir=lambda w, p=_probe: shard_dir(p, w.model),
             shards=lambda w, p=_probe: PLAN.shard_paths(p, w.model),
         output:
-            [f"results/{_probe}/tables/{{model}}/{t}.csv" for t in _impl.tables],
+            [LAYOUT.table(_probe, "{model}", t) for t in _impl.tables],
         log:
-            f"results/logs/{_probe}/merge/{{model}}.log",
+            LAYOUT.log(_probe, "merge", "{model}"),
         benchmark:
-            f"results/benchmarks/{_probe}/merge/{{model}}.tsv"
+            LAYOUT.benchmark(_probe, "merge", "{model}")
         conda:
             ENV
         threads: 1
@@ -78,9 +85,10 @@ for _probe, _impl in PLAN.probes.items():
         params:
             probe=_probe,
             expect=lambda w, p=_probe: PLAN.config_hash(p, w.model),
+            out_dir=lambda w, output: os.path.dirname(output[0]),  # LAYOUT.table_dir
         shell:
             "layerscope merge --probe {params.probe} --model {wildcards.model} --expect-hash {params.expect}"
-            " --out-dir results/{params.probe}/tables/{wildcards.model} {input.shards} > {log} 2>&1"
+            " --out-dir {params.out_dir} {input.shards} > {log} 2>&1"
 
     rule:
         name:
@@ -90,16 +98,16 @@ for _probe, _impl in PLAN.probes.items():
         output:
             [
                 report(
-                    f"results/{_probe}/figures/{f}.png",
+                    LAYOUT.figure(_probe, f),
                     caption=caption(_probe, f),
                     category=_probe,
                 )
                 for f in _impl.figures
             ],
         log:
-            f"results/logs/{_probe}/figures.log",
+            LAYOUT.log(_probe, "figures"),
         benchmark:
-            f"results/benchmarks/{_probe}/figures.tsv"
+            LAYOUT.benchmark(_probe, "figures")
         conda:
             ENV
         threads: 1
@@ -108,8 +116,11 @@ for _probe, _impl in PLAN.probes.items():
             runtime=scaled(30),
         params:
             probe=_probe,
-            tables=lambda w, p=_probe: [f"results/{p}/tables/{m}" for m in PLAN.models_of(p)],
-            caption=lambda w: f"(config {', '.join(map(str, workflow.configfiles)) or 'config.yaml'})",
+            out_dir=lambda w, output: os.path.dirname(output[0]),  # LAYOUT.figure_dir
+            # sorted: reordering the probe's models: list reruns nothing
+            tables=lambda w, p=_probe: [LAYOUT.table_dir(p, m) for m in sorted(PLAN.models_of(p))],
+            # the study's name, not the config file's: a copy of the config reruns no figure
+            caption=figure_caption(),
         shell:
-            "layerscope plot --probe {params.probe} --out-dir results/{params.probe}/figures"
+            "layerscope plot --probe {params.probe} --out-dir {params.out_dir}"
             " --caption {params.caption:q} {params.tables} > {log} 2>&1"

@@ -70,23 +70,35 @@ class ShardSpec:
         return get_probe(self.probe).settings(self.probe_cfg)
 
     def slice_bounds(self, n_items: int) -> tuple[int, int]:
-        """[start, stop) of this shard's contiguous share of ``n_items`` (axis label 'IofN')."""
+        """[start, stop) of a contiguous share of ``n_items`` (axis label 'IofN'); the study's
+        data slices are chosen by item key instead (see :meth:`records`)."""
         i, n = parse_slice(self.axes.get("slice", "0of1"))
         return (i * n_items) // n, ((i + 1) * n_items) // n
 
+    def data_index(self) -> str:
+        """The index file of this shard's data: its slice's (the planner puts the path template
+        ``slice_index`` with ``{slice}`` in the spec), else the dataset's whole index."""
+        ds = next(iter(self.datasets.values()))
+        if ds.get("slice_index"):
+            return str(ds["slice_index"]).format(slice=self.axes.get("slice", "0of1"))
+        return str(ds["index"])
 
     def records(self) -> list:
-        """This shard's share of its dataset: the index, cut to ``max_images`` (0: all), then the
-        shard's contiguous slice. Every probe slices the same way, so slices of any count cover
-        the data exactly once."""
-        from layerscope.data import read_index
+        """This shard's share of its dataset. From the planner's spec: its slice's index, already
+        cut to ``max_images`` and chosen by item key (layerscope.data.slice_items), so adding an
+        item touches only the slice it lands in. From a hand-made spec with only a whole index:
+        that index cut to ``max_images``, then the items whose key (their path) falls in this
+        slice - the same partition rule, so slices of any count cover the data exactly once."""
+        from layerscope.data import item_key, read_index, slice_of
 
         ds = next(iter(self.datasets.values()))
-        recs = read_index(ds["index"])
+        recs = read_index(self.data_index())
+        if ds.get("slice_index"):
+            return recs
         if self.probe_cfg.get("max_images", 0):
             recs = recs[: int(self.probe_cfg["max_images"])]
-        lo, hi = self.slice_bounds(len(recs))
-        return recs[lo:hi]
+        i, n = parse_slice(self.axes.get("slice", "0of1"))
+        return [r for r in recs if slice_of(item_key(r.path), n) == i]
 
 
 @dataclass(frozen=True)
@@ -132,8 +144,8 @@ class Probe:
     axes: ClassVar[tuple[str, ...]] = ("slice",)  # shard axes after 'model', in path order
     families: ClassVar[tuple[str, ...]] = ()  # model families this probe accepts
     datasets_key: ClassVar[str | None] = "dataset"  # probe config key naming a dataset, if any
-    tables: ClassVar[tuple[str, ...]] = ()  # merge outputs: results/<probe>/tables/<model>/<table>.csv
-    figures: ClassVar[tuple[str, ...]] = ()  # plot outputs: results/<probe>/figures/<figure>.png
+    tables: ClassVar[tuple[str, ...]] = ()  # merge outputs: <study root>/<probe>/tables/<model>/<table>.csv (layout.table)
+    figures: ClassVar[tuple[str, ...]] = ()  # plot outputs: <study root>/<probe>/figures/<figure>.png (layout.figure)
     gpu: ClassVar[bool] = True
     # The layout every shard must have, checked at merge before any number is read (GroupLayout);
     # shards that agree on ``layout_varies_with`` axes must hold the same set of groups, and
@@ -149,6 +161,9 @@ class Probe:
     # config keys that list axis values: excluded from the config hash, because adding a seed or a
     # model must not invalidate shards that already exist
     axis_keys: ClassVar[dict[str, str]] = {"slice": "slices", "seed": "seeds", "timestep": "timesteps", "layers": "layer_groups"}
+    # settings that cannot change a number (e.g. a batch size the probe's results do not depend on):
+    # passed to shard jobs outside the spec and the config hash, so changing them reruns nothing
+    exec_keys: ClassVar[tuple[str, ...]] = ()
 
     # config keys holding 0-based block indices ('all', a list, or a list of lists): checked
     # against the model's depth before any job
@@ -196,10 +211,11 @@ class Probe:
                 out[axis] = [str(v) for v in probe_cfg.get(key, [])]
         return out
 
-    def extra_outputs(self, probe_cfg: Mapping[str, Any]) -> dict[str, str]:
+    def extra_outputs(self, probe_cfg: Mapping[str, Any], layout: Any = None) -> dict[str, str]:
         """Outputs a shard job writes besides its .h5, as Snakemake path templates over the
         wildcards ``{model}`` and ``{shard}``; a trailing '/' marks a directory (e.g. a checkpoint).
-        Declared, so Snakemake removes them on failure and knows which job makes them."""
+        Declared, so Snakemake removes them on failure and knows which job makes them.
+        ``layout``: the study's :class:`layerscope.layout.Layout` (paths come from it)."""
         return {}
 
     def check_config(self, probe_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> None:

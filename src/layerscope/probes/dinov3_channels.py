@@ -124,6 +124,8 @@ class DinoV3Channels(Probe):
     name: ClassVar[str] = "dinov3_channels"
     axes: ClassVar[tuple[str, ...]] = ("slice",)
     families: ClassVar[tuple[str, ...]] = ("dinov3",)
+    # per-image rows are accumulated in float64 Welford/Chan moments: the batch only groups images
+    exec_keys: ClassVar[tuple[str, ...]] = ("batch_size",)
     tables: ClassVar[tuple[str, ...]] = ("channels", "layers", "outliers")
     figures: ClassVar[tuple[str, ...]] = ("std_max_abs_per_layer", "outlier_channels_heatmap", "magnitude_vs_layer")
     layer_keys: ClassVar[tuple[str, ...]] = ("layers",)

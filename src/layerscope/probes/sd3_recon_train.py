@@ -3,11 +3,11 @@
 One shard = one training run (model, gamma, target layer, seed).  ``run_shard`` trains, writes the
 per-step losses to the shard and saves the trained model to a deterministic checkpoint directory::
 
-    <checkpoint_root>/<model>/gamma-<g>__target-<t>__seed-<s>/     (default root results/sd3_recon/checkpoints)
+    <checkpoint_root>/<model>/gamma-<g>__target-<t>__seed-<s>/     (default root results/<study>/sd3_recon_train/checkpoints)
 
 (``mode: full`` from a local base: the trained ``transformer/`` plus relative links to the base's
-other components, see ``training.save_checkpoint``) which the study can then use as a model (``source: results/sd3_recon/checkpoints/...`` for
-``mode: full``; ``source: <base>`` + ``lora: results/sd3_recon/checkpoints/...`` for ``mode: lora``),
+other components, see ``training.save_checkpoint``) which the study can then use as a model (``source: results/<study>/sd3_recon_train/checkpoints/...`` for
+``mode: full``; ``source: <base>`` + ``lora: results/<study>/sd3_recon_train/checkpoints/...`` for ``mode: lora``),
 e.g. for the sd3_textgrad probe, so one study compares per-block text influence before and after
 training.  The checkpoint is complete before the shard is: a shard on disk implies its checkpoint.
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
+from layerscope.layout import Layout
 from layerscope.probes.base import GroupLayout, Probe, ShardSpec
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
     from layerscope.h5io import Shard, ShardWriter
 
-DEFAULT_CHECKPOINT_ROOT = "results/sd3_recon/checkpoints"
+DEFAULT_CHECKPOINT_ROOT = Layout().checkpoints("sd3_recon_train")  # the default study's; the plan fills in its own study's
 LOSS_COLUMNS = ("denoise", "recon", "total", "sigma", "grad_norm")
 # how the run drew timesteps and computed its loss: group attributes of train/losses, columns of the table
 CONVENTION_COLUMNS = ("timestep_sampling", "shift", "loss_convention")
@@ -67,7 +68,7 @@ def resume_dir(shard_path: str | Path) -> Path:
 
 def checkpoint_dir(probe_cfg: Mapping[str, Any], model: str, axes: Mapping[str, str]) -> Path:
     """Where the run of (model, axes) saves its checkpoint (relative to the study's working directory)."""
-    root = Path(str(probe_cfg.get("checkpoint_root", DEFAULT_CHECKPOINT_ROOT)))
+    root = Path(str(probe_cfg.get("checkpoint_root") or DEFAULT_CHECKPOINT_ROOT))
     return root / model / f"gamma-{axes['gamma']}__target-{axes['target']}__seed-{axes['seed']}"
 
 
@@ -90,9 +91,11 @@ class SD3ReconTrain(Probe):
                 "target": [str(int(t)) for t in probe_cfg.get("targets", [0])],
                 "seed": [str(int(s)) for s in probe_cfg.get("seeds", [0])]}
 
-    def extra_outputs(self, probe_cfg: Mapping[str, Any]) -> dict[str, str]:
+    def extra_outputs(self, probe_cfg: Mapping[str, Any], layout: Any = None) -> dict[str, str]:
         """The trained checkpoint, which other probes load as a model (source: or lora:)."""
-        root = str(probe_cfg.get("checkpoint_root", DEFAULT_CHECKPOINT_ROOT)).rstrip("/")
+        from layerscope.layout import Layout
+
+        root = str(probe_cfg.get("checkpoint_root") or (layout or Layout()).checkpoints(self.name)).rstrip("/")
         return {"checkpoint": root + "/{model}/{shard}/"}
 
     def check_config(self, probe_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> None:

@@ -396,6 +396,8 @@ class SD3TextGrad(Probe):
     name: ClassVar[str] = "sd3_textgrad"
     axes: ClassVar[tuple[str, ...]] = ("timestep", "seed", "slice")
     families: ClassVar[tuple[str, ...]] = ("sd3",)
+    # samples do not interact (per-sample noise, per-sample gradients): the batch is a speed knob
+    exec_keys: ClassVar[tuple[str, ...]] = ("batch_size", "memory_budget_mb")
     tables: ClassVar[tuple[str, ...]] = ("samples", "blocks", "pooled", "tokens")
     figures: ClassVar[tuple[str, ...]] = tuple(FIGURES.values())
     layer_keys: ClassVar[tuple[str, ...]] = ("layers",)

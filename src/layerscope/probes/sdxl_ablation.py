@@ -457,7 +457,7 @@ class SdxlAblation(Probe):
         """Tables ``scores`` (one row per image) and ``images`` (exported PNG per shard).
 
         SSIM (skimage, RGB, data_range 255) to the same (prompt, seed)'s ``all`` image; the CLIP
-        cosine when every shard has one.  PNGs go to ``results/<probe>/images/<model>/<shard>.png``
+        cosine when every shard has one.  PNGs go to ``results/<study>/<probe>/images/<model>/<shard>.png``
         beside the ``shards`` folder."""
         import numpy as np
         import pandas as pd

@@ -128,10 +128,12 @@ class WanLogits(Probe):
             "seed": [str(int(s)) for s in cfg["seeds"]],
         }
 
-    def extra_outputs(self, probe_cfg: Mapping[str, Any]) -> dict[str, str]:
+    def extra_outputs(self, probe_cfg: Mapping[str, Any], layout: Any = None) -> dict[str, str]:
         """The full-logits sidecar, when asked for: declared so Snakemake removes it with a failed shard."""
+        from layerscope.layout import Layout
+
         if probe_cfg.get("save_logits"):
-            return {"logits": "results/wan_logits/shards/{model}/{shard}.logits.h5"}
+            return {"logits": (layout or Layout()).shard_sidecar(self.name, "{model}", "{shard}", ".logits.h5")}
         return {}
 
     def check_config(self, probe_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
