@@ -34,6 +34,8 @@ PROBES = {  # probe -> (model, a dataset the fault targets: group regex part, st
     "sd3_recon_train": "sd3_tiny",
 }
 
+RESULTS = Path("results/default")  # the default study's namespace (config key `study`)
+
 CONFIG = {
     "runtime": {"device": "cpu", "threads": 1},
     "datasets": {"photos": {"kind": "skimage"}},
@@ -72,7 +74,7 @@ def study5(tmp_path_factory) -> Path:
 
 
 def shard_paths(root: Path, probe: str) -> list[Path]:
-    d = root / "results" / probe / "shards" / PROBES[probe]
+    d = root / RESULTS / probe / "shards" / PROBES[probe]
     return sorted(p.relative_to(root) for p in d.glob("*.h5") if not p.name.endswith(".logits.h5"))
 
 
@@ -80,8 +82,8 @@ def shard_paths(root: Path, probe: str) -> list[Path]:
 def work(study5, tmp_path, monkeypatch):
     """A private copy of the study's shards (relative paths, as Snakemake passes them)."""
     for probe in PROBES:
-        src = study5 / "results" / probe / "shards"
-        shutil.copytree(src, tmp_path / "results" / probe / "shards")
+        src = study5 / RESULTS / probe / "shards"
+        shutil.copytree(src, tmp_path / RESULTS / probe / "shards")
     monkeypatch.chdir(tmp_path)
     for probe in PROBES:
         expect_hash(probe)  # before any fault touches the copies
@@ -109,7 +111,7 @@ def baseline(study5, tmp_path_factory) -> dict[str, dict[str, bytes]]:
     """Tables merged from the pristine shards, in a copy laid out like every fault's."""
     root = tmp_path_factory.mktemp("baseline")
     for probe in PROBES:
-        shutil.copytree(study5 / "results" / probe / "shards", root / "results" / probe / "shards")
+        shutil.copytree(study5 / RESULTS / probe / "shards", root / RESULTS / probe / "shards")
     old = os.getcwd()
     os.chdir(root)
     try:
@@ -451,7 +453,7 @@ def _dry_jobs(wd: Path, cfg: Path) -> dict[str, int]:
 
 
 def test_deleted_table_is_rebuilt_by_plain_snakemake(study5):
-    t = study5 / "results/wan_logits/tables/wan_tiny/sink_metrics.csv"
+    t = study5 / RESULTS / "wan_logits/tables/wan_tiny/sink_metrics.csv"
     saved = t.read_bytes()
     t.unlink()
     try:
@@ -460,13 +462,14 @@ def test_deleted_table_is_rebuilt_by_plain_snakemake(study5):
         t.write_bytes(saved)
 
 
-def test_changed_and_added_images_rerun_the_index_and_only_its_shards(tmp_path):
+def test_changed_and_added_images_rerun_the_slice_index_and_only_its_shards(tmp_path):
     """A folder dataset: changing an image's bytes (same name) or adding one changes the
-    dataset_index param, rebuilds the index and the shards that read it; the data digest the
-    shards record covers the image bytes."""
+    dataset_slice param of the slice holding it, rebuilds that slice's index and the shards that read
+    it; the data digest the shards record covers the image bytes."""
     from PIL import Image
 
-    from layerscope.data import build_index, index_digest
+    from layerscope.data import index_digest
+    from layerscope.layout import Layout
 
     imgs = tmp_path / "imgs"
     imgs.mkdir()
@@ -478,25 +481,26 @@ def test_changed_and_added_images_rerun_the_index_and_only_its_shards(tmp_path):
            "probes": {"dinov3_channels": {"models": ["dinov3_tiny"], "dataset": "mine", "slices": 1,
                                           "batch_size": 2, "image_size": 16}}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    run_snakemake(tmp_path, "results/data/mine/index.tsv", config=tmp_path / "c.yaml")
-    index = tmp_path / "results/data/mine/index.tsv"
+    target = Layout("default").data_slice_index("mine", 0, "0of1")
+    run_snakemake(tmp_path, target, config=tmp_path / "c.yaml")
+    index = tmp_path / target
     d0, idx0 = index_digest(index), index.read_bytes()
     # unchanged: the index is up to date
-    r = run_snakemake(tmp_path, "-n", "results/data/mine/index.tsv", config=tmp_path / "c.yaml")
-    assert "dataset_index" not in r.stdout
-    # changed bytes, same name and size class
+    r = run_snakemake(tmp_path, "-n", target, config=tmp_path / "c.yaml")
+    assert "dataset_slice" not in r.stdout
+    # changed bytes, same name
     Image.new("RGB", (8, 8), (0, 200, 0)).save(imgs / "im1.png")
-    r = run_snakemake(tmp_path, "-n", "results/data/mine/index.tsv", config=tmp_path / "c.yaml")
-    assert "rule dataset_index" in r.stdout, r.stdout[-2000:]
-    run_snakemake(tmp_path, "results/data/mine/index.tsv", config=tmp_path / "c.yaml")
+    r = run_snakemake(tmp_path, "-n", target, config=tmp_path / "c.yaml")
+    assert "rule dataset_slice" in r.stdout, r.stdout[-2000:]
+    run_snakemake(tmp_path, target, config=tmp_path / "c.yaml")
     assert index.read_bytes() == idx0 and index_digest(index) != d0  # same listing, new bytes, new digest
     # the digest is over image bytes even without the sidecar
     d1 = index_digest(index)
-    (index.parent / "index.tsv.digest").unlink()
+    sidecar = index.parent / "index.tsv.digest"
+    if sidecar.exists():
+        sidecar.unlink()
     assert index_digest(index) == d1
-    # added image
+    # added image: its slice's index and shard rerun (one slice here)
     Image.new("RGB", (8, 8), (0, 0, 99)).save(imgs / "im3.png")
     jobs = _dry_jobs(tmp_path, tmp_path / "c.yaml")
-    assert jobs.get("dataset_index") == 1 and jobs.get("dinov3_channels_shard") == 1, jobs
-    out = build_index("mine", {"kind": "folder", "path": str(imgs)}, tmp_path / "x" / "index.tsv")
-    assert len(out.read_text().splitlines()) == 5
+    assert jobs.get("dataset_slice") == 1 and jobs.get("dinov3_channels_shard") == 1, jobs

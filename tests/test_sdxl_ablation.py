@@ -199,7 +199,7 @@ def run_shard(plan: Plan, shard: str, out: Path) -> Path:
     spec = plan.spec("sdxl_ablation", "sdxl_tiny", shard)
     prov = {"probe": "sdxl_ablation", "model": "sdxl_tiny", "axes": spec.axes,
             "config_hash": spec.config_hash, "spec": spec.to_json_dict(), "data_digest": ""}
-    path = out / Plan.shard_path("sdxl_ablation", "sdxl_tiny", shard)
+    path = out / plan.shard_path("sdxl_ablation", "sdxl_tiny", shard)
     with ShardWriter(path, prov) as w:
         probe.run_shard(spec, w)
     return path
