@@ -273,8 +273,7 @@ _NUMERIC_KINDS = frozenset("biuf")
 
 def _has_fletcher32(dsid: h5d.DatasetID) -> bool:
     """Whether a dataset is stored with the Fletcher-32 filter (low-level: no high-level objects)."""
-    dcpl = dsid.get_create_plist()
-    return any(dcpl.get_filter(i)[0] == h5z.FILTER_FLETCHER32 for i in range(dcpl.get_nfilters()))
+    return dsid.get_create_plist().get_filter_by_id(h5z.FILTER_FLETCHER32) is not None
 
 
 def _read_tree(f: h5py.File, groups: dict[str, dict[str, np.ndarray]], group_attrs: dict[str, dict[str, Any]],
