@@ -180,14 +180,53 @@ def _every_dtype_shard(out: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _attr_variety(out: Path) -> None:
+    """Attributes of every type h5py writes, on the root and on groups, re-signed afterwards
+    (``attrs_crc``) so that the shard stays valid."""
+    from layerscope.h5io import attrs_crc
+
+    with h5py.File(out, "a") as f:
+        for obj in (f, f["stats/blocks.1.hook_x/patch"]):
+            a = obj.attrs
+            a["i"], a["f"], a["b"], a["s"], a["by"] = 3, 2.5, True, "héllo", np.bytes_(b"raw")
+            a["u8"], a["f32"] = np.uint8(7), np.float32(1.5)
+            a["ints"], a["floats2d"] = np.arange(4), np.ones((2, 3))
+            a["strs"] = ["a", "bé"]  # variable-length strings
+            a["fixed"] = np.array([b"ab", b"cd"])
+            a["empty"] = h5py.Empty("f8")
+            a.create("arr_t", data=np.arange(6.0).reshape(2, 3), dtype=np.dtype("(3,)f8"))  # top-level array type
+        f.attrs["attrs_crc32"] = attrs_crc(f)
+
+
+def _same(got: object, want: object) -> bool:
+    if isinstance(want, h5py.Empty):
+        return isinstance(got, h5py.Empty) and got.dtype == want.dtype
+    return (type(got) is type(want) and np.asarray(got).dtype == np.asarray(want).dtype
+            and np.shape(got) == np.shape(want) and np.array_equal(np.asarray(got), np.asarray(want)))
+
+
 def test_shard_read_equals_h5py_high_level_read_for_every_dtype(tmp_path):
+    from layerscope.h5io import _attr
+
     out = tmp_path / "s.h5"
     arrays = _every_dtype_shard(out)
+    _attr_variety(out)
     sh = Shard(out)
     ref: dict[str, dict[str, object]] = {}
-    with h5py.File(out, "r") as f:  # reference: h5py's high-level read of every dataset
+    ref_attrs: dict[str, dict[str, object]] = {}
+    with h5py.File(out, "r") as f:  # reference: h5py's high-level read of every dataset and attribute
         f.visititems(lambda n, o: ref.setdefault(n.rpartition("/")[0], {}).__setitem__(n.rpartition("/")[2], o[()])
                      if isinstance(o, h5py.Dataset) else None)
+        f.visititems(lambda n, o: ref_attrs.__setitem__(n, {k: _attr(v) for k, v in o.attrs.items()})
+                     if isinstance(o, h5py.Group) and len(o.attrs) else None)
+        root = {k: _attr(v) for k, v in f.attrs.items()}
+    assert sh.attrs.keys() == root.keys() and all(_same(sh.attrs[k], v) for k, v in root.items()), root
+    assert sh.group_attrs.keys() == ref_attrs.keys()
+    for g, want in ref_attrs.items():
+        assert sh.group_attrs[g].keys() == want.keys(), g
+        bad = {k: (sh.group_attrs[g][k], v) for k, v in want.items() if not _same(sh.group_attrs[g][k], v)}
+        assert not bad, (g, bad)
+    assert sh.attrs["s"] == "héllo" and sh.attrs["strs"].tolist() == ["a", "bé"] and sh.attrs["arr_t"].shape == (2, 3)
     assert set(sh.groups) == set(ref) == {"stats/blocks.0.hook_x/cls", "stats/blocks.1.hook_x/patch"}
     for g in ref:
         assert set(sh.groups[g]) == set(ref[g]), g
@@ -202,7 +241,7 @@ def test_shard_read_equals_h5py_high_level_read_for_every_dtype(tmp_path):
             np.testing.assert_array_equal(cls[name], value)
     assert cls["nan_inf"][0] != cls["nan_inf"][0] and np.signbit(cls["nan_inf"][4])  # NaN and -0.0 survive
     np.testing.assert_array_equal(sh.groups["stats/blocks.1.hook_x/patch"]["be"], np.arange(6.0))
-    assert sh.group_attrs == {"stats/blocks.0.hook_x/cls": {"layer": 0, "rep": "x", "roles": '["a", "b"]'}}
+    assert sh.group_attrs["stats/blocks.0.hook_x/cls"] == {"layer": 0, "rep": "x", "roles": '["a", "b"]'}
 
 
 def test_flipped_bit_in_every_chunked_dataset_is_refused(tmp_path):

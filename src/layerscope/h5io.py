@@ -39,7 +39,7 @@ from typing import Any, Iterator, Mapping
 
 import h5py
 import numpy as np
-from h5py import h5d, h5o, h5s, h5z
+from h5py import h5a, h5d, h5o, h5s, h5t, h5z
 
 FORMAT_VERSION = 2  # 2: every dataset checksummed (format 1 had none)
 TMP_PREFIX = ".partial-"
@@ -276,6 +276,35 @@ def _has_fletcher32(dsid: h5d.DatasetID) -> bool:
     return dsid.get_create_plist().get_filter_by_id(h5z.FILTER_FLETCHER32) is not None
 
 
+def _read_attrs(oid: h5o.ObjectID, n: int) -> dict[str, Any]:
+    """The ``n`` attributes of an object, as ``dict(h5py_object.attrs.items())`` returns them.
+
+    Each value is converted exactly as h5py 3's ``AttributeManager.__getitem__`` does (top-level
+    array types unfolded, variable-length strings decoded with ``surrogateescape``, 0-d arrays
+    unwrapped), opened by index instead of by name and without h5py's per-call lock and object
+    lookups, which cost more than the read for the few small attributes of a statistics group;
+    ``tests/test_h5io.py`` compares the two on every attribute type."""
+    out: dict[str, Any] = {}
+    for i in range(n):
+        attr = h5a.open(oid, index=i)
+        name = attr.name.decode("utf-8")
+        shape, dtype = attr.shape, attr.dtype
+        if shape is None:  # empty dataspace
+            out[name] = h5py.Empty(dtype)
+            continue
+        htype = h5t.py_create(dtype)
+        if dtype.subdtype is not None:
+            dtype, subshape = dtype.subdtype
+            shape = shape + subshape
+        arr = np.zeros(shape, dtype=dtype, order="C")
+        attr.read(arr, mtype=htype)
+        string_info = h5t.check_string_dtype(dtype)
+        if string_info and string_info.length is None:
+            arr = np.array([b.decode("utf-8", "surrogateescape") for b in arr.flat], dtype=dtype).reshape(arr.shape)
+        out[name] = arr[()] if arr.ndim == 0 else arr
+    return out
+
+
 def _read_tree(f: h5py.File, groups: dict[str, dict[str, np.ndarray]], group_attrs: dict[str, dict[str, Any]],
                parts: list[str], unchecked: list[str]) -> None:
     """Read every dataset and group attribute of ``f`` in one pass, verifying every checksum.
@@ -285,9 +314,9 @@ def _read_tree(f: h5py.File, groups: dict[str, dict[str, np.ndarray]], group_att
     file object per ``.attrs``) than the read itself; that overhead, not the checksums, held the
     merge below raw-read speed.  ``h5o.visit`` hands over each object's type and attribute count,
     a numeric Fletcher-32 dataset is read straight into a numpy array (HDF5 verifies the checksum
-    of every chunk it reads: a mismatch raises ``OSError``), and only what needs h5py's
-    conversions (scalars and strings with their ``crc32`` attribute, anything unusual, groups
-    that carry attributes) goes through the high-level API, exactly as before.  Objects are
+    of every chunk it reads: a mismatch raises ``OSError``), only what needs h5py's conversions
+    (scalars and strings with their ``crc32`` attribute, anything unusual) goes through a
+    high-level ``h5py.Dataset``, and attributes are read by ``_read_attrs``.  Objects are
     visited in name order, the order ``attrs_crc`` signed them in."""
     fid = f.id
 
@@ -314,10 +343,8 @@ def _read_tree(f: h5py.File, groups: dict[str, dict[str, np.ndarray]], group_att
                         raise ValueError(f"checksum mismatch in dataset {name}")
             groups.setdefault(parent, {})[leaf] = value
         else:
-            attrs = {}
-            if info.num_attrs:  # from the (checksummed) object header: no attribute iteration without attributes
-                obj = h5py.Group(h5o.open(fid, bname)) if info.type == h5o.TYPE_GROUP else f[name]
-                attrs = dict(obj.attrs.items())
+            # num_attrs comes from the (checksummed) object header: no attribute lookup without attributes
+            attrs = _read_attrs(h5o.open(fid, bname), info.num_attrs) if info.num_attrs else {}
             _attr_parts(parts, name, attrs)
             if attrs:
                 group_attrs[name] = {k: _attr(v) for k, v in attrs.items()}
@@ -333,13 +360,13 @@ class Shard:
         self.path = Path(path)
         try:
             with h5py.File(self.path, "r") as f:
-                self.attrs = {k: _attr(v) for k, v in f.attrs.items()}
+                root_attrs = _read_attrs(f.id, h5o.get_info(f.id).num_attrs)
+                self.attrs = {k: _attr(v) for k, v in root_attrs.items()}
                 self.groups: dict[str, dict[str, np.ndarray]] = {}
                 self.group_attrs: dict[str, dict[str, Any]] = {}
 
                 unchecked: list[str] = []
                 parts: list[str] = []  # for the attribute CRC, collected in the same single pass
-                root_attrs = dict(f.attrs.items())
                 _attr_parts(parts, "/", root_attrs)
                 _read_tree(f, self.groups, self.group_attrs, parts, unchecked)
                 has_attrs_crc = "attrs_crc32" in root_attrs
