@@ -1,6 +1,6 @@
 """Shard files: one HDF5 file of mergeable partial statistics per shard job.
 
-Layout (format version 1; see docs/shard-format.md):
+Layout (format version 2; see docs/shard-format.md):
 
     /                       attrs: format_version, probe, model, axes (JSON), config_hash,
                                    data_digest, spec (JSON), versions (JSON), created_utc, host,
@@ -14,7 +14,9 @@ HDF5's Fletcher-32 filter (``fletcher32=True``, with or without gzip); scalars a
 which HDF5 cannot filter, carry a CRC-32 of their bytes in the dataset attribute ``crc32``.  The
 file is written with ``libver="latest"``, whose superblock, object headers (attributes
 included) and heaps carry HDF5's own metadata checksums, so a flipped bit anywhere that holds
-information is refused as corrupt rather than read as a number.
+information is refused as corrupt rather than read as a number.  ``Shard`` reads a file in one
+low-level pass (``_read_tree``): the checks are cheap, h5py's high-level objects per dataset were
+not.
 
 Writes are atomic: the file is built under a hidden temporary name in the same directory and
 renamed into place only after it is complete and closed.  A failed or killed job (SIGTERM from
@@ -372,7 +374,8 @@ class Shard:
                 has_attrs_crc = "attrs_crc32" in root_attrs
                 if has_attrs_crc and int(root_attrs["attrs_crc32"]) != zlib.crc32("\x01".join(parts).encode()):
                     raise ValueError("checksum mismatch in the attributes (provenance or group metadata)")
-        except (OSError, KeyError, ValueError, RuntimeError, UnicodeDecodeError) as e:
+        except (OSError, KeyError, ValueError, RuntimeError, UnicodeDecodeError, MemoryError, OverflowError) as e:
+            # MemoryError / OverflowError: a flipped size in unchecksummed dense attribute storage
             raise ShardError(f"{self.path}: corrupt or unreadable HDF5 ({e.__class__.__name__}: {e})") from None
         if not self.attrs.get("complete"):
             raise ShardError(f"{self.path}: incomplete shard (no 'complete' mark)")
