@@ -1,6 +1,6 @@
 """Shard files: one HDF5 file of mergeable partial statistics per shard job.
 
-Layout (format version 1; see docs/shard-format.md):
+Layout (format version 2; see docs/shard-format.md):
 
     /                       attrs: format_version, probe, model, axes (JSON), config_hash,
                                    data_digest, spec (JSON), versions (JSON), created_utc, host,
@@ -14,7 +14,9 @@ HDF5's Fletcher-32 filter (``fletcher32=True``, with or without gzip); scalars a
 which HDF5 cannot filter, carry a CRC-32 of their bytes in the dataset attribute ``crc32``.  The
 file is written with ``libver="latest"``, whose superblock, object headers (attributes
 included) and heaps carry HDF5's own metadata checksums, so a flipped bit anywhere that holds
-information is refused as corrupt rather than read as a number.
+information is refused as corrupt rather than read as a number.  ``Shard`` reads a file in one
+low-level pass (``_read_tree``): the checks are cheap, h5py's high-level objects per dataset were
+not.
 
 Writes are atomic: the file is built under a hidden temporary name in the same directory and
 renamed into place only after it is complete and closed.  A failed or killed job (SIGTERM from
@@ -39,6 +41,7 @@ from typing import Any, Iterator, Mapping
 
 import h5py
 import numpy as np
+from h5py import h5a, h5d, h5o, h5s, h5t, h5z
 
 FORMAT_VERSION = 2  # 2: every dataset checksummed (format 1 had none)
 TMP_PREFIX = ".partial-"
@@ -267,6 +270,91 @@ def _attr(v: Any) -> Any:
     return v
 
 
+_NUMERIC_KINDS = frozenset("biuf")
+
+
+def _has_fletcher32(dsid: h5d.DatasetID) -> bool:
+    """Whether a dataset is stored with the Fletcher-32 filter (low-level: no high-level objects)."""
+    return dsid.get_create_plist().get_filter_by_id(h5z.FILTER_FLETCHER32) is not None
+
+
+def _read_attrs(oid: h5o.ObjectID, n: int) -> dict[str, Any]:
+    """The ``n`` attributes of an object, as ``dict(h5py_object.attrs.items())`` returns them.
+
+    Each value is converted exactly as h5py 3's ``AttributeManager.__getitem__`` does (top-level
+    array types unfolded, variable-length strings decoded with ``surrogateescape``, 0-d arrays
+    unwrapped), opened by index instead of by name and without h5py's per-call lock and object
+    lookups, which cost more than the read for the few small attributes of a statistics group;
+    ``tests/test_h5io.py`` compares the two on every attribute type."""
+    out: dict[str, Any] = {}
+    for i in range(n):
+        attr = h5a.open(oid, index=i)
+        name = attr.name.decode("utf-8")
+        shape, dtype = attr.shape, attr.dtype
+        if shape is None:  # empty dataspace
+            out[name] = h5py.Empty(dtype)
+            continue
+        htype = h5t.py_create(dtype)
+        if dtype.subdtype is not None:
+            dtype, subshape = dtype.subdtype
+            shape = shape + subshape
+        arr = np.zeros(shape, dtype=dtype, order="C")
+        attr.read(arr, mtype=htype)
+        string_info = h5t.check_string_dtype(dtype)
+        if string_info and string_info.length is None:
+            arr = np.array([b.decode("utf-8", "surrogateescape") for b in arr.flat], dtype=dtype).reshape(arr.shape)
+        out[name] = arr[()] if arr.ndim == 0 else arr
+    return out
+
+
+def _read_tree(f: h5py.File, groups: dict[str, dict[str, np.ndarray]], group_attrs: dict[str, dict[str, Any]],
+               parts: list[str], unchecked: list[str]) -> None:
+    """Read every dataset and group attribute of ``f`` in one pass, verifying every checksum.
+
+    Why low-level: a shard holds thousands of small datasets, and h5py's high-level objects cost
+    more per dataset (an object per visited name, a creation property list per ``.fletcher32``, a
+    file object per ``.attrs``) than the read itself; that overhead, not the checksums, held the
+    merge below raw-read speed.  ``h5o.visit`` hands over each object's type and attribute count,
+    a numeric Fletcher-32 dataset is read straight into a numpy array (HDF5 verifies the checksum
+    of every chunk it reads: a mismatch raises ``OSError``), only what needs h5py's conversions
+    (scalars and strings with their ``crc32`` attribute, anything unusual) goes through a
+    high-level ``h5py.Dataset``, and attributes are read by ``_read_attrs``.  Objects are
+    visited in name order, the order ``attrs_crc`` signed them in."""
+    fid = f.id
+
+    def visit(bname: bytes, info: h5o.ObjInfo) -> None:
+        name = bname.decode("utf-8")
+        if info.type == h5o.TYPE_DATASET:
+            parent, _, leaf = name.rpartition("/")
+            dsid = h5d.open(fid, bname)
+            fletcher = _has_fletcher32(dsid)
+            dtype, shape = dsid.dtype, dsid.shape
+            if fletcher and shape is not None and dtype.kind in _NUMERIC_KINDS and dtype.subdtype is None \
+                    and dtype.fields is None:
+                value = np.zeros(shape, dtype=dtype)
+                if value.size:
+                    dsid.read(h5s.ALL, h5s.ALL, value)  # Fletcher-32 verified here
+            else:
+                ds = h5py.Dataset(dsid)
+                value = ds[()]
+                if not fletcher:
+                    attrs = dict(ds.attrs.items())
+                    if "crc32" not in attrs:
+                        unchecked.append(name)
+                    elif int(attrs["crc32"]) != payload_crc(np.asarray(value)):
+                        raise ValueError(f"checksum mismatch in dataset {name}")
+            groups.setdefault(parent, {})[leaf] = value
+        else:
+            # num_attrs comes from the (checksummed) object header: no attribute lookup without attributes
+            attrs = _read_attrs(h5o.open(fid, bname), info.num_attrs) if info.num_attrs else {}
+            _attr_parts(parts, name, attrs)
+            if attrs:
+                group_attrs[name] = {k: _attr(v) for k, v in attrs.items()}
+        return None
+
+    h5o.visit(fid, visit, info=True)
+
+
 class Shard:
     """A validated, fully read shard (arrays are loaded eagerly; shards are small by design)."""
 
@@ -274,37 +362,20 @@ class Shard:
         self.path = Path(path)
         try:
             with h5py.File(self.path, "r") as f:
-                self.attrs = {k: _attr(v) for k, v in f.attrs.items()}
+                root_attrs = _read_attrs(f.id, h5o.get_info(f.id).num_attrs)
+                self.attrs = {k: _attr(v) for k, v in root_attrs.items()}
                 self.groups: dict[str, dict[str, np.ndarray]] = {}
                 self.group_attrs: dict[str, dict[str, Any]] = {}
 
                 unchecked: list[str] = []
                 parts: list[str] = []  # for the attribute CRC, collected in the same single pass
-                root_attrs = dict(f.attrs.items())
                 _attr_parts(parts, "/", root_attrs)
-
-                def visit(name: str, obj: Any) -> None:
-                    if isinstance(obj, h5py.Dataset):
-                        parent, _, leaf = name.rpartition("/")
-                        value = obj[()]  # Fletcher-32 is verified here: a mismatch raises OSError
-                        if not obj.fletcher32:
-                            attrs = dict(obj.attrs.items())
-                            if "crc32" not in attrs:
-                                unchecked.append(name)
-                            elif int(attrs["crc32"]) != payload_crc(np.asarray(value)):
-                                raise ValueError(f"checksum mismatch in dataset {name}")
-                        self.groups.setdefault(parent, {})[leaf] = value
-                    else:
-                        attrs = dict(obj.attrs.items()) if len(obj.attrs) else {}  # len: no attribute iteration
-                        _attr_parts(parts, name, attrs)
-                        if attrs:
-                            self.group_attrs[name] = {k: _attr(v) for k, v in attrs.items()}
-
-                f.visititems(visit)
+                _read_tree(f, self.groups, self.group_attrs, parts, unchecked)
                 has_attrs_crc = "attrs_crc32" in root_attrs
                 if has_attrs_crc and int(root_attrs["attrs_crc32"]) != zlib.crc32("\x01".join(parts).encode()):
                     raise ValueError("checksum mismatch in the attributes (provenance or group metadata)")
-        except (OSError, KeyError, ValueError, RuntimeError, UnicodeDecodeError) as e:
+        except (OSError, KeyError, ValueError, RuntimeError, UnicodeDecodeError, MemoryError, OverflowError) as e:
+            # MemoryError / OverflowError: a flipped size in unchecksummed dense attribute storage
             raise ShardError(f"{self.path}: corrupt or unreadable HDF5 ({e.__class__.__name__}: {e})") from None
         if not self.attrs.get("complete"):
             raise ShardError(f"{self.path}: incomplete shard (no 'complete' mark)")
