@@ -16,6 +16,7 @@ torch.set_num_threads(1)
 from layerscope.models import ModelLoadError  # noqa: E402
 from layerscope.models import sd3  # noqa: E402
 from layerscope.probes import sd3_textgrad as P  # noqa: E402
+from layerscope.probes import textgrad_compute  # noqa: E402
 
 CPU = torch.device("cpu")
 PROMPTS = ["a cat", "a ginger tabby cat looking to the side"]
@@ -329,7 +330,7 @@ def test_nonfinite_gradients_are_counted_or_refused_in_fp16(tmp_path, tiny_dir, 
         grads[1][:, 0] = float("nan")  # token 0 (CLIP BOS, always content) of block 1
         return out, grads
 
-    monkeypatch.setattr(P, "text_input_grads", nan_grads)
+    monkeypatch.setattr(textgrad_compute, "text_input_grads", nan_grads)
     sh = run(tmp_path, tiny_dir, dataset, {"timestep": "500", "seed": "0", "slice": "0of1"})
     d = sh.groups["stats/transformer_blocks.1.hook_text_grad"]
     assert list(d["nonfinite"]) == [1, 1, 1] and (d["status"] == P.OK).all()
