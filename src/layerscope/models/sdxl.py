@@ -224,7 +224,11 @@ def load(model_cfg: Mapping[str, Any], device: "torch.device", dtype: "torch.dty
     if not hasattr(pipe, "unet"):
         raise ModelLoadError(f"{src}: pipeline {type(pipe).__name__} has no UNet (family sdxl needs a UNet pipeline)")
     if model_cfg.get("lora"):
-        pipe.load_lora_weights(str(model_cfg["lora"]))
+        from layerscope.models.lora import check_adapter_dir
+
+        check_adapter_dir(model_cfg["lora"], config_field(model_cfg, "lora"))
+        with loading("the LoRA adapter", model_cfg["lora"], config_field(model_cfg, "lora")):
+            pipe.load_lora_weights(str(model_cfg["lora"]))
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     for m in pipe.components.values():

@@ -40,7 +40,6 @@ Pieces (one module each, diffusers-style; this module is the family: tiny builde
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +47,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from layerscope.models import ModelLoadError, config_field, loading, source_of
+from layerscope.models import ModelLoadError, config_field, loading, lora, source_of
 
 __all__ = [
     "TINY_ARCHS", "build_tiny", "load", "WanBundle", "encode_prompt", "prompt_clean", "load_text_encoder", "convert_original_to_diffusers",
@@ -160,7 +159,7 @@ def load(model_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype)
                                             field=config_field(model_cfg, "checkpoint"))
         transformer.to(dtype)
     if model_cfg.get("lora"):
-        _apply_lora(transformer, str(model_cfg["lora"]), config_field(model_cfg, "lora"))
+        lora.apply_adapter(transformer, str(model_cfg["lora"]), config_field(model_cfg, "lora"))
     transformer.to(device).eval()  # dtype came from from_pretrained (keeps its fp32 modules)
     te = model_cfg.get("text_encoder")
     if te:
@@ -225,23 +224,6 @@ def prompt_clean(text: str) -> str:
     """The prompt cleaning of diffusers' ``WanPipeline`` (whitespace_clean(basic_clean(text))): the
     real text encoder must see the same tokens the pipeline would give it."""
     return whitespace_clean(basic_clean(text))
-
-
-def _apply_lora(model: torch.nn.Module, lora_dir: str, field: str = "models.*.lora") -> None:
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    d = Path(lora_dir)
-    cfg_file, w_file = d / "adapter_config.json", d / "adapter_model.safetensors"
-    if not cfg_file.is_file() or not w_file.is_file():
-        raise ModelLoadError(f"lora {d}: expected adapter_config.json and adapter_model.safetensors")
-    with loading("the LoRA adapter", d, field):
-        cfg = json.loads(cfg_file.read_text())
-        keep = {k: v for k, v in cfg.items() if k in LoraConfig.__dataclass_fields__}
-        inject_adapter_in_model(LoraConfig(**keep), model)
-        res = set_peft_model_state_dict(model, load_file(str(w_file)))
-    if getattr(res, "unexpected_keys", None):
-        raise ModelLoadError(f"lora {d}: weights do not match the model ({res.unexpected_keys[:3]} ...)")
 
 
 @torch.no_grad()
