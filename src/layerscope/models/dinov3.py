@@ -16,6 +16,17 @@ import torch
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 from layerscope.models import ModelLoadError, config_field, loading, source_of
+from layerscope.hooks import HookPoint
+
+# Canonical hooks (docs/hooks.md): B images, T = 1 + registers + patches tokens, D hidden size.
+HOOKS: dict[str, HookPoint] = {
+    "blocks.{i}.hook_resid_post": HookPoint("layer.{i}", "[B, T, D]", "output of block i (the residual stream, pre-norm)",
+                                            ("dinov3_channels",)),
+    "blocks.{i}.ln_layer.hook_normalized": HookPoint("layer.{i}", "[B, T, D]", "block i output through a fresh LayerNorm without affine",
+                                                     ("dinov3_channels",)),
+    "blocks.{i}.ln_final.hook_normalized": HookPoint("layer.{i}", "[B, T, D]", "block i output through the model's final norm (CLS: cls_norm when untied)",
+                                                     ("dinov3_channels",)),
+}
 
 # Tiny architectures for offline studies and tests (real ones load by hub id or path).
 TINY_ARCHS: dict[str, dict[str, Any]] = {

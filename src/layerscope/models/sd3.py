@@ -27,6 +27,19 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from layerscope.models import ModelLoadError, config_field, loading, lora, source_of
+from layerscope.hooks import HookPoint
+
+# Canonical hooks (docs/hooks.md): B samples, L text tokens (77 CLIP + max_sequence_length T5), Dj the
+# joint attention width (the text stream's hidden size).
+HOOKS: dict[str, HookPoint] = {
+    "blocks.{i}.hook_text_grad": HookPoint("transformer_blocks.{i}", "[B, L, Dj]",
+                                           "dy/d(text stream entering block i), y = sum(transformer output^2)",
+                                           ("sd3_textgrad",)),
+    "blocks.{i}.hook_text_out": HookPoint("transformer_blocks.{i}", "[B, L, Dj]", "text stream leaving block i",
+                                          ("sd3_recon_train",)),
+    "hook_text_embed": HookPoint("context_embedder", "[B, L, Dj]", "text stream entering block 0 (context embedder output)",
+                                 ("sd3_recon_train",)),
+}
 
 __all__ = [
     "TINY_ARCHS", "tiny_pipeline", "build_tiny", "build_tiny_lora", "load", "apply_lora", "parse_lora_target", "save_lora_adapter",

@@ -24,6 +24,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from layerscope.errors import ConfigError
+from layerscope.hooks import HookPoint
+
+# Canonical hooks (docs/hooks.md): the UNet has no single block stack, so a hook is named by its attn2
+# group (``down_blocks.N.attentions.M``, ``mid_block.attentions.M``, ...) and the transformer block j
+# inside it. B images (x2 with classifier-free guidance), S spatial tokens of the level, C its width.
+HOOKS: dict[str, HookPoint] = {
+    "{group}.transformer_blocks.{j}.attn2.hook_out": HookPoint("{group}.transformer_blocks.{j}.attn2", "[B, S, C]",
+                                                               "cross-attention output (moments over tokens per channel)",
+                                                               ("sdxl_ablation",)),
+}
 
 if TYPE_CHECKING:
     import torch

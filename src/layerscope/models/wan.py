@@ -48,6 +48,16 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from layerscope.models import ModelLoadError, config_field, loading, lora, source_of
+from layerscope.hooks import HookPoint
+
+# Canonical hooks (docs/hooks.md): B videos, H heads, Q query tokens of the pass, K key tokens (cache
+# up to the chunk's end), C latent channels, F latent frames.
+HOOKS: dict[str, HookPoint] = {
+    "blocks.{i}.attn.hook_attn_scores": HookPoint("blocks.{i}.attn1", "[B, H, Q, K]",
+                                                  "pre-softmax self-attention scores QK^T/sqrt(d) (after q/k norms and RoPE)",
+                                                  ("wan_logits",)),
+    "hook_latents": HookPoint("", "[B, C, F, h, w]", "clean latents the sampler generates", ("wan_logits",)),
+}
 
 __all__ = [
     "TINY_ARCHS", "build_tiny", "load", "WanBundle", "encode_prompt", "prompt_clean", "load_text_encoder", "convert_original_to_diffusers",

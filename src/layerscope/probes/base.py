@@ -214,3 +214,16 @@ class Probe:
 
     def plot(self, tables: dict[str, "pd.DataFrame"], fig_dir: Path, caption: str = "") -> None:
         raise NotImplementedError
+
+
+def with_model(shards: list, tables: dict[str, "pd.DataFrame"]) -> dict[str, "pd.DataFrame"]:
+    """Every table names its model in a first ``model`` column (tidy data: a table read alone, or
+    concatenated with other models', says whose rows these are). ``shards`` are one model's."""
+    models = {sh.model for sh in shards}
+    if len(models) != 1:
+        raise ValueError(f"one model's shards expected, got {sorted(models)}")
+    model = models.pop()
+    for df in tables.values():
+        if "model" not in df.columns:
+            df.insert(0, "model", model)
+    return tables

@@ -26,7 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
-from layerscope.probes.base import MOMENTS_LAYOUT, GroupLayout, Probe, ShardSpec
+from layerscope.probes.base import MOMENTS_LAYOUT, GroupLayout, Probe, ShardSpec, with_model
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -246,7 +246,8 @@ class DinoV3Channels(Probe):
                                      "max_abs": float(mom.max_abs[c]), "median_abs": median,
                                      "ratio": float(mom.max_abs[c] / median) if median > 0 else np.inf})
         outliers = pd.DataFrame(outlier_rows, columns=["hook", "layer", "rep", "role", "channel", "max_abs", "median_abs", "ratio"])
-        return {"channels": pd.concat(chan_rows, ignore_index=True), "layers": pd.DataFrame(layer_rows), "outliers": outliers}
+        return with_model(shards, {"channels": pd.concat(chan_rows, ignore_index=True), "layers": pd.DataFrame(layer_rows),
+                                   "outliers": outliers})
 
     # ------------------------------------------------------------------ plot
     def plot(self, tables: dict[str, "pd.DataFrame"], fig_dir: Path, caption: str = "") -> None:

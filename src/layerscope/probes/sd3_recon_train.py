@@ -28,7 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
-from layerscope.probes.base import GroupLayout, Probe, ShardSpec
+from layerscope.probes.base import GroupLayout, Probe, ShardSpec, with_model
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -222,7 +222,7 @@ class SD3ReconTrain(Probe):
         if not frames:
             raise ShardError("no sd3_recon_train shards to merge")
         out = pd.concat(frames, ignore_index=True).sort_values(["gamma", "target", "seed", "step"], kind="stable")
-        return {"losses": out.reset_index(drop=True)}
+        return with_model(shards, {"losses": out.reset_index(drop=True)})
 
     def plot(self, tables: dict[str, "pd.DataFrame"], fig_dir: Path, caption: str = "") -> None:
         """loss_curves.png: denoise / recon / total against the step; hue = gamma, style = target

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from layerscope.probes.base import GroupLayout, Probe, ShardSpec
+from layerscope.probes.base import GroupLayout, Probe, ShardSpec, with_model
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -55,18 +55,19 @@ FIGURES = {"strength": "grad_strength_curve", "topk_mass": "grad_topk_mass_curve
 
 
 def hook_name(block: int) -> str:
-    return f"transformer_blocks.{block}.hook_text_grad"
+    """The canonical name (layerscope.hooks, ``sd3`` table: ``blocks.{i}.hook_text_grad``) of block ``block``."""
+    return "blocks.{i}.hook_text_grad".format(i=block)
 
 
 class SD3TextGrad(Probe):
     name: ClassVar[str] = "sd3_textgrad"
     axes: ClassVar[tuple[str, ...]] = ("timestep", "seed", "slice")
     families: ClassVar[tuple[str, ...]] = ("sd3",)
-    tables: ClassVar[tuple[str, ...]] = ("samples", "blocks", "pooled", "tokens")
+    tables: ClassVar[tuple[str, ...]] = ("samples", "blocks", "blocks_all_timesteps", "pooled", "tokens")
     figures: ClassVar[tuple[str, ...]] = tuple(FIGURES.values())
     layer_keys: ClassVar[tuple[str, ...]] = ("layers",)
     layout: ClassVar[tuple[GroupLayout, ...]] = (
-        GroupLayout(r"stats/transformer_blocks\.\d+\.hook_text_grad",
+        GroupLayout(r"stats/blocks\.\d+\.hook_text_grad",
                     {**{m: "metric" for m in METRICS}, "image_id": "index", "n_tokens": "count",
                      "nonfinite": "count", "status": "int", "token_scores": "metric?"}, attrs=("block",)),
         GroupLayout(r"inputs", {"image_id": "index", "token_mask": "uint8", "objective": "metric"}),
@@ -258,8 +259,8 @@ class SD3TextGrad(Probe):
             raise ShardError(f"sample {r.image_id} appears twice for timestep {r.timestep_index}, seed {r.seed}: overlapping shards")
         samples.insert(0, "line", [f"step {t} (sigma {sg:.2f})" if per_timestep else "all timesteps"
                                    for t, sg in zip(samples["timestep_index"], samples["sigma"])])
-        blocks = pd.concat([self._block_table(samples, by_timestep=True), self._block_table(samples, by_timestep=False)],
-                           ignore_index=True)
+        blocks = self._block_table(samples, by_timestep=True)
+        blocks_all = self._block_table(samples, by_timestep=False)  # pooled over timesteps: its own table
         tok_cols = ["timestep_index", "block", "hook", "position", "segment", "segment_position", "count", "nonfinite",
                     "mean_score", "content_fraction"]
         if tok_rows:
@@ -282,7 +283,9 @@ class SD3TextGrad(Probe):
             df.insert(pos, "sigma", [lookup.get(k, (np.nan, np.nan))[1] for k in keys])
             df.insert(pos, "timestep", [lookup.get(k, (np.nan, np.nan))[0] for k in keys])
             df.insert(0, "timestep_convention", conv)
-        return {"samples": samples, "blocks": blocks, "pooled": pooled, "tokens": tokens}
+        blocks_all.insert(0, "timestep_convention", conv)
+        return with_model(shards, {"samples": samples, "blocks": blocks, "blocks_all_timesteps": blocks_all,
+                                   "pooled": pooled, "tokens": tokens})
 
     @staticmethod
     def _pooled_table(pool: Mapping[tuple[int, int], list], topk: int) -> "pd.DataFrame":
@@ -329,7 +332,8 @@ class SD3TextGrad(Probe):
         for key, g in samples.groupby(keys, sort=True):
             key = key if isinstance(key, tuple) else (key,)
             row: dict[str, Any] = dict(zip(keys, key))
-            row["timestep_index"] = str(row["timestep_index"]) if by_timestep else "all"
+            if by_timestep:
+                row["timestep_index"] = str(row["timestep_index"])
             row["rows"] = len(g)
             for s in STATUS:
                 row[f"n_{s}"] = int((g["status"] == s).sum())

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Sequence
 
-from layerscope.probes.base import MOMENTS_LAYOUT, GroupLayout, Probe, ShardSpec
+from layerscope.probes.base import MOMENTS_LAYOUT, GroupLayout, Probe, ShardSpec, with_model
 
 if TYPE_CHECKING:
     import numpy as np
@@ -524,7 +524,7 @@ class SdxlAblation(Probe):
             img_rows.append({"model": r.model, "group": r.group, "prompt": r.prompt, "prompt_text": r.prompt_text,
                              "seed": r.seed, "order": r.order, "shard": str(path), "png": str(png)})
         scores = scores.drop(columns=["shard", "png_name"])
-        return {"scores": scores, "images": pd.DataFrame(img_rows)}
+        return with_model(shards, {"scores": scores, "images": pd.DataFrame(img_rows)})
 
     # ---------------------------------------------------------------- plot
     def plot(self, tables: dict[str, "pd.DataFrame"], fig_dir: Path, caption: str = "") -> None:

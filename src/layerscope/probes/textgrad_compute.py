@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from layerscope import hooks
+
 if TYPE_CHECKING:
     import torch
 
@@ -45,7 +47,8 @@ def text_input_grads(transformer: "torch.nn.Module", blocks: Sequence[int], call
         return hook
 
     for i in blocks:
-        handles.append(transformer.transformer_blocks[i].register_forward_pre_hook(make_hook(i), with_kwargs=True))
+        block = hooks.get_module(transformer, "sd3", f"blocks.{i}.hook_text_grad")  # the vocabulary's module
+        handles.append(block.register_forward_pre_hook(make_hook(i), with_kwargs=True))
     try:
         with torch.enable_grad():
             out = transformer(**call_kwargs, return_dict=False)[0]

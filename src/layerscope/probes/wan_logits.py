@@ -10,14 +10,14 @@ key frame) sums of logits and of softmax mass; full logits are written only when
 
 Shard layout::
 
-    stats/blocks.<L>.attn1.hook_attn_logits/chunk<C>/{logit_sum, mass_sum, logit_max}   [heads, q frames, k frames]
+    stats/blocks.<L>.attn.hook_attn_scores/chunk<C>/{logit_sum, mass_sum, logit_max}   [heads, q frames, k frames]
                                                    /{query_tokens [q frames], key_tokens_per_frame, nonfinite [heads]}
         attrs: geometry (JSON: frame_seq_length, query/key frame counts and indices, is_logits, q_len, k_len, ...)
     stats/hook_latents/{count, mean, m2, max_abs, nonfinite}     Moments of the generated latents per channel
     attrs: wan_logits (JSON: prompt, text source, step, timestep, seed, chunks, layers, logits file)
 
 Full logits (``save_logits: true``) go to a sidecar ``<shard>.logits.h5`` (gzip float16, chunked by query
-chunk), dataset ``blocks.<L>.attn1.hook_attn_logits/chunk<C>/logits`` of shape [B, heads, Q, K]: the shard
+chunk), dataset ``blocks.<L>.attn.hook_attn_scores/chunk<C>/logits`` of shape [B, heads, Q, K]: the shard
 itself stays small because shards are read eagerly at merge time.
 """
 
@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from layerscope.h5io import Shard, ShardWriter
 
 def hook_name(layer: int) -> str:
-    return f"blocks.{layer}.attn1.hook_attn_logits"
+    """The canonical name (layerscope.hooks, ``wan`` table: ``blocks.{i}.attn.hook_attn_scores``) of layer ``layer``."""
+    return "blocks.{i}.attn.hook_attn_scores".format(i=layer)
 
 
 def parse_layers(label: str, n_layers: int) -> list[int]:
@@ -105,7 +106,7 @@ class WanLogits(Probe):
     figures: ClassVar[tuple[str, ...]] = ("frame_logits", "frame_mass", "sink_heatmaps")
     axis_keys: ClassVar[dict[str, str]] = {"layers": "layer_groups", "step": "steps", "seed": "seeds"}
     layout: ClassVar[tuple[GroupLayout, ...]] = (
-        GroupLayout(r"stats/blocks\.\d+\.attn1\.hook_attn_logits/chunk\d+",
+        GroupLayout(r"stats/blocks\.\d+\.attn\.hook_attn_scores/chunk\d+",
                     {"logit_sum": "finite", "mass_sum": "finite", "logit_max": "max", "query_tokens": "count",
                      "key_tokens_per_frame": "count", "nonfinite": "count"}, attrs=("geometry",)),
         GroupLayout(r"stats/hook_latents", MOMENTS_LAYOUT),
@@ -271,7 +272,7 @@ class WanLogits(Probe):
         for sh in shards:
             meta = sh.json_attr("wan_logits")
             for group in sh.subgroups("stats"):
-                if ".hook_attn_logits/" not in group:
+                if ".hook_attn_scores/" not in group:
                     continue
                 arr = sh.groups[group]
                 geo = json.loads(sh.group_attrs[group]["geometry"])
