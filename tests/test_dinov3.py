@@ -110,9 +110,10 @@ def test_std_eps_default_is_the_notes_and_zero_gives_the_plain_std(tmp_path, din
         row = lay[(lay.layer == 2) & (lay.rep == "pre") & (lay.role == "patch")].iloc[0]
         assert abs(row.std_mean - np.sqrt(x.var(0) + eps).mean()) <= 2e-5 * row.std_mean
     # a constant channel: the note's std is sqrt(1e-8) = 1e-4, not 0; NaN (no value seen) stays NaN
-    from layerscope.probes.dinov3_channels import DEFAULT_STD_EPS, channel_std
+    from layerscope.probes.dinov3_channels import STD_EPS_NOTE, channel_std
+    from layerscope.probes import get_probe
 
-    assert DEFAULT_STD_EPS == 1e-8
+    assert STD_EPS_NOTE == 1e-8 == get_probe("dinov3_channels").settings({}).std_eps  # the note's value is the schema's default
 
     np.testing.assert_array_equal(channel_std(np.array([0.0, np.nan, 4.0]), 1e-8)[[0, 2]], [1e-4, np.sqrt(4.0 + 1e-8)])
     assert np.isnan(channel_std(np.array([np.nan]), 1e-8)[0]) and channel_std(np.array([0.0]), 0.0)[0] == 0.0

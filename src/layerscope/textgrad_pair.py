@@ -59,12 +59,12 @@ def run_pair(model: str, prompt: str, image: str | Path, out_dir: str | Path, *,
             mcfg[key] = str(value)
     mcfg.update(family="sd3", dtype=dtype, name=name)
     pcfg = {"models": [name], "dataset": "pair", "timesteps": list(timesteps), "seeds": list(seeds), "slices": 1,
-            "timestep_convention": "note", **dict(probe_cfg or {})}
+            **dict(probe_cfg or {})}
     probe = SD3TextGrad()
     probe.check_config(pcfg, {})
     pipe, sch, st = probe.setup(mcfg, pcfg, device, name)
     rec = Record(0, str(Path(image).resolve()), prompt)
-    conv = pcfg["timestep_convention"]
+    conv = probe.settings(pcfg).timestep_convention  # the schema's default unless given
     samples = [Sample(rec, int(t), *resolve_timestep(int(t), conv, sch), int(s)) for t in timesteps for s in seeds]
     res = compute_samples(pipe, samples, st, log=logging.getLogger("layerscope.sd3_textgrad"))
     digest = hashlib.sha256(json.dumps([mcfg, pcfg, prompt, rec.path], sort_keys=True).encode()).hexdigest()[:16]

@@ -31,7 +31,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -45,7 +45,7 @@ from layerscope.models.sd3_light_settings import TIMESTEP_SAMPLINGS, WEIGHTINGS,
 if TYPE_CHECKING:
     from diffusers import StableDiffusion3Pipeline
 
-__all__ = ["FineTuneConfig", "TrainResult", "load_pipeline", "encode_dataset", "text_token_mask", "fine_tune",
+__all__ = ["FineTuneConfig", "TrainResult", "load_pipeline", "encode_dataset", "fine_tune",
            "save_checkpoint", "sample_timesteps", "CHECKPOINT_MANIFEST", "DEFAULT_LORA_TARGETS", "TIMESTEP_SAMPLINGS",
            "WEIGHTINGS"]
 
@@ -193,16 +193,6 @@ def load_pipeline(model_cfg: Mapping[str, Any], device: torch.device, dtype: tor
     return pipe
 
 
-def text_token_mask(pipe: "StableDiffusion3Pipeline", captions: Sequence[str], max_sequence_length: int) -> torch.Tensor:
-    """bool [N, 77 + max_sequence_length]: which joint text positions hold a real token (the sd3
-    family's definition: CLIP positions real for either CLIP tokenizer, then the T5 attention mask,
-    all padding without T5)."""
-    from layerscope.models.sd3 import text_token_mask as sd3_mask
-
-    return sd3_mask(pipe, list(captions), max_sequence_length)
-
-
-@torch.no_grad()
 def encode_dataset(pipe: "StableDiffusion3Pipeline", images: Sequence[Any], captions: Sequence[str], image_size: int,
                    max_sequence_length: int, batch_size: int = 8) -> dict[str, torch.Tensor]:
     """Frozen encoders, once: latents (VAE mean, shifted and scaled as SD3 trains), prompt
@@ -222,7 +212,9 @@ def encode_dataset(pipe: "StableDiffusion3Pipeline", images: Sequence[Any], capt
                                         max_sequence_length=max_sequence_length)
         pe.append(e.float())
         pp.append(p.float())
-    mask = text_token_mask(pipe, captions, max_sequence_length).to(dev)
+    from layerscope.models.sd3 import text_token_mask
+
+    mask = text_token_mask(pipe, list(captions), max_sequence_length).to(dev)
     out = {"latents": torch.cat(lat), "prompt_embeds": torch.cat(pe), "pooled": torch.cat(pp), "text_mask": mask}
     if out["prompt_embeds"].shape[1] != mask.shape[1]:
         raise RuntimeError(f"text mask covers {mask.shape[1]} positions but the prompt embeddings have {out['prompt_embeds'].shape[1]}")
@@ -552,12 +544,14 @@ def save_checkpoint(pipe: "StableDiffusion3Pipeline", peft_model: Any, out_dir: 
     return out
 
 
-def config_from_probe(probe_cfg: Mapping[str, Any], gamma: float, target_layer: int, seed: int) -> FineTuneConfig:
-    """FineTuneConfig from the probe config (keys of the same names; the schema refuses unknown
-    keys, and the renamed ``huber_c`` is refused here too)."""
-    check_renamed(probe_cfg)
+def config_from_probe(settings: Any, gamma: float, target_layer: int, seed: int) -> FineTuneConfig:
+    """FineTuneConfig from the probe's typed settings (``spec.settings``: every value, default
+    included, comes from the schema); ``None`` keeps the field unset. The renamed ``huber_c`` is
+    refused here too (the schema declares it only to name its replacement)."""
+    values = {f.name: getattr(settings, f.name) for f in fields(settings)}
+    check_renamed({k: v for k, v in values.items() if v is not None})
     names = {f for f in FineTuneConfig.__dataclass_fields__} - {"gamma", "target_layer", "seed"}
-    kw = {k: probe_cfg[k] for k in names if k in probe_cfg and probe_cfg[k] is not None}
+    kw = {k: values[k] for k in names if values.get(k) is not None}
     if "lora_targets" in kw:
         kw["lora_targets"] = tuple(kw["lora_targets"])
     return FineTuneConfig(gamma=float(gamma), target_layer=int(target_layer), seed=int(seed), **kw)

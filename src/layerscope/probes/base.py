@@ -83,8 +83,9 @@ class ShardSpec:
 
         ds = next(iter(self.datasets.values()))
         recs = read_index(ds["index"])
-        if self.probe_cfg.get("max_images", 0):
-            recs = recs[: int(self.probe_cfg["max_images"])]
+        max_images = int(getattr(self.settings, "max_images", 0) or 0)  # probes without the key take all
+        if max_images:
+            recs = recs[:max_images]
         lo, hi = self.slice_bounds(len(recs))
         return recs[lo:hi]
 
@@ -172,9 +173,10 @@ class Probe:
         depth = model_depth(arch)
         if depth is None:
             return
+        settings = self.settings(probe_cfg)
         for key in self.layer_keys:
-            value = probe_cfg.get(key, "all")
-            groups = value if isinstance(value, list) and any(isinstance(v, list) for v in value) else [value]
+            value = getattr(settings, key)
+            groups = value if isinstance(value, (list, tuple)) and any(isinstance(v, (list, tuple)) for v in value) else [value]
             for g in groups:
                 for layer in ([] if g == "all" else g):
                     if isinstance(layer, int) and not 0 <= layer < depth:
@@ -184,16 +186,17 @@ class Probe:
     def axis_values(self, probe_cfg: Mapping[str, Any], model: str, model_cfg: Mapping[str, Any]) -> dict[str, list[str]]:
         """Labels of every shard axis for one model. Default: read the generic config keys."""
         out: dict[str, list[str]] = {}
+        settings = self.settings(probe_cfg)
         for axis in self.axes:
             key = self.axis_keys.get(axis, axis + "s")
             if axis == "slice":
-                n = int(probe_cfg.get(key, 1))
+                n = int(getattr(settings, key))
                 out[axis] = [f"{i}of{n}" for i in range(n)]
             elif axis == "layers":
-                groups = probe_cfg.get(key, ["all"])
+                groups = getattr(settings, key)
                 out[axis] = [g if isinstance(g, str) else "-".join(str(int(x)) for x in g) for g in groups]
             else:
-                out[axis] = [str(v) for v in probe_cfg.get(key, [])]
+                out[axis] = [str(v) for v in getattr(settings, key) or ()]
         return out
 
     def extra_outputs(self, probe_cfg: Mapping[str, Any]) -> dict[str, str]:

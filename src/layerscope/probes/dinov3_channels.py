@@ -45,10 +45,10 @@ def hook_name(layer: int, rep: str) -> str:
     }[rep]
 
 
-DEFAULT_STD_EPS = 1e-8  # note 004's script: std = sqrt(var + 1e-8)
+STD_EPS_NOTE = 1e-8  # note 004's script: std = sqrt(var + 1e-8) (the schema's std_eps default)
 
 
-def channel_std(var: Any, eps: float = DEFAULT_STD_EPS) -> Any:
+def channel_std(var: Any, eps: float = STD_EPS_NOTE) -> Any:
     """Per-channel std as note 004's script reports it, ``sqrt(var + eps)`` (population variance);
     ``eps = 0`` gives the plain ``sqrt(var)``.  Applied at merge time to the merged variance, so
     shards stay eps-free and the choice can change without rerunning them.  NaN (no finite value
@@ -147,7 +147,7 @@ class DinoV3Channels(Probe):
         from layerscope.models.dinov3 import final_norms, load, preprocess
         from layerscope.plan import ConfigError
 
-        cfg = spec.probe_cfg
+        cfg = spec.settings  # typed; defaults from the schema only
         records = spec.records()
 
         device = resolve_device(spec.device)
@@ -156,18 +156,18 @@ class DinoV3Channels(Probe):
         model = load(mcfg, device, dtype)
         n_layers = model.config.num_hidden_layers
         n_reg = int(getattr(model.config, "num_register_tokens", 0))
-        layers = list(range(n_layers)) if cfg.get("layers", "all") == "all" else list(cfg["layers"])
+        layers = list(range(n_layers)) if cfg.layers == "all" else list(cfg.layers)
         bad = [i for i in layers if i >= n_layers]
         if bad:
             raise ConfigError(f"config field probes.dinov3_channels.layers: {bad} out of range for a {n_layers}-layer model (0..{n_layers - 1})")
         cls_norm, patch_norm = final_norms(model)
         eps = float(getattr(model.config, "layer_norm_eps", 1e-5))
-        topk = int(cfg.get("topk", 8))
-        size = int(cfg.get("image_size", model.config.image_size))
+        topk = int(cfg.topk)
+        size = int(cfg.image_size)
         C = model.config.hidden_size
 
         acc = ChannelAccumulator(layers, C, n_reg, topk, cls_norm, patch_norm, eps)
-        bs = int(cfg.get("batch_size", 8))
+        bs = int(cfg.batch_size)
         from layerscope.progress import current as progress
 
         prog = progress(len(records), "images")
@@ -215,9 +215,8 @@ class DinoV3Channels(Probe):
         import numpy as np
         import pandas as pd
 
-        cfg = shards[0].json_attr("spec")["probe_cfg"]
-        abs_thr, ratio = float(cfg.get("massive_abs", 100.0)), float(cfg.get("massive_ratio", 1000.0))
-        std_eps = float(cfg.get("std_eps", DEFAULT_STD_EPS))
+        cfg = self.settings(shards[0].json_attr("spec")["probe_cfg"])
+        abs_thr, ratio, std_eps = float(cfg.massive_abs), float(cfg.massive_ratio), float(cfg.std_eps)
         chan_rows, layer_rows, outlier_rows = [], [], []
         for g, (mom, hist, tk, attrs) in sorted(self.merged_stats(shards).items(), key=lambda kv: (kv[1][3]["layer"], kv[0])):
             _, hook, role = g.split("/")

@@ -79,15 +79,16 @@ class SD3TextGrad(Probe):
     def check_config(self, probe_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         from layerscope.errors import ConfigError
 
+        ps = self.settings(probe_cfg)  # typed; defaults from the schema only
         for key in ("timesteps", "seeds"):
-            vals = list(probe_cfg.get(key, []))
+            vals = list(getattr(ps, key))
             if len(set(vals)) != len(vals):
                 raise ConfigError(f"config field probes.{self.name}.{key}: duplicate values {vals}")
-        if probe_cfg.get("pooled_curves", True) and not probe_cfg.get("save_token_scores", True):
+        if ps.pooled_curves and not ps.save_token_scores:
             raise ConfigError(f"config field probes.{self.name}.save_token_scores: false, but pooled_curves (the note's "
                               f"curves, pooled per pair over timesteps x seeds) need every token's score; "
                               f"set save_token_scores: true or pooled_curves: false")
-        conv = probe_cfg.get("timestep_convention", "note")
+        conv = ps.timestep_convention
         if conv not in CONVENTIONS:
             raise ConfigError(f"config field probes.{self.name}.timestep_convention: {conv!r}, expected one of {CONVENTIONS}")
 
@@ -98,6 +99,8 @@ class SD3TextGrad(Probe):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         from layerscope.errors import ConfigError
+
+        ps = self.settings(probe_cfg)  # typed; defaults from the schema only
         from layerscope.models import resolve_device, resolve_dtype
         from layerscope.models.sd3 import load
 
@@ -107,26 +110,26 @@ class SD3TextGrad(Probe):
         pipe = load(model_cfg, device, dtype)
         tr = pipe.transformer
         n_layers = len(tr.transformer_blocks)
-        blocks = list(range(n_layers)) if probe_cfg.get("layers", "all") == "all" else [int(b) for b in probe_cfg["layers"]]
+        blocks = list(range(n_layers)) if ps.layers == "all" else [int(b) for b in ps.layers]
         bad = [b for b in blocks if not 0 <= b < n_layers]
         if bad:
             raise ConfigError(f"config field {field}.layers: {bad} out of range for a {n_layers}-block transformer (0..{n_layers - 1})")
         sch = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)  # training look-ups only
         vsf = int(pipe.vae_scale_factor)
-        size = int(probe_cfg.get("image_size", 0)) or int(tr.config.sample_size) * vsf
+        size = int(ps.image_size) or int(tr.config.sample_size) * vsf
         if size % (vsf * int(tr.config.patch_size)):
             raise ConfigError(f"config field {field}.image_size: {size} is not a multiple of {vsf * tr.config.patch_size} "
                               f"(VAE scale {vsf} x patch size {tr.config.patch_size})")
-        msl = int(probe_cfg.get("max_sequence_length", 256))
-        st = Settings(blocks=blocks, msl=msl, size=size, force=bool(probe_cfg.get("force_txt_grad", True)),
-                      batch_size=probe_cfg.get("batch_size", "auto"),
-                      memory_budget_mb=float(probe_cfg.get("memory_budget_mb", 4096)),
+        msl = int(ps.max_sequence_length)
+        st = Settings(blocks=blocks, msl=msl, size=size, force=bool(ps.force_txt_grad),
+                      batch_size=ps.batch_size,
+                      memory_budget_mb=float(ps.memory_budget_mb),
                       seq_len=pipe.tokenizer_max_length + msl)
         return pipe, sch, st
 
     def run_shard(self, spec: ShardSpec, writer: "ShardWriter") -> None:
         pipe, sch, st = self.setup(spec.model_cfg, spec.probe_cfg, spec.device, spec.model)
-        conv = spec.probe_cfg.get("timestep_convention", "note")
+        conv = spec.settings.timestep_convention
         t_val = int(spec.axes["timestep"])
         sigma, t_model = resolve_timestep(t_val, conv, sch)
         seed = int(spec.axes["seed"])
@@ -142,9 +145,10 @@ class SD3TextGrad(Probe):
         import torch
 
         log = logging.getLogger("layerscope.sd3_textgrad")
-        topk = int(probe_cfg.get("topk", 10))
-        ignore_padding = bool(probe_cfg.get("ignore_padding", False))  # the note: an opt-in flag
-        keep_tokens = bool(probe_cfg.get("save_token_scores", True))
+        ps = self.settings(probe_cfg)  # typed; defaults from the schema only
+        topk = int(ps.topk)
+        ignore_padding = bool(ps.ignore_padding)  # the note: an opt-in flag
+        keep_tokens = bool(ps.save_token_scores)
         dtype = pipe.transformer.dtype
         sub = [samples[i] for i in idx]
         s0 = sub[0] if sub else None
@@ -180,7 +184,7 @@ class SD3TextGrad(Probe):
                                 "objective": y.astype(np.float64)}, compress=True)
         for k, v in {
             "blocks": st.blocks, "num_layers": len(pipe.transformer.transformer_blocks),
-            "timestep_convention": probe_cfg.get("timestep_convention", "note"),
+            "timestep_convention": ps.timestep_convention,
             "timestep_index": int(s0.timestep) if s0 else -1, "timestep": float(s0.t_model) if s0 else np.nan,
             "sigma": float(s0.sigma) if s0 else np.nan, "seed": int(s0.seed) if s0 else -1,
             "n_images": n, "image_ids": ids, "seq_len": L, "clip_len": pipe.tokenizer_max_length,
@@ -198,9 +202,9 @@ class SD3TextGrad(Probe):
 
         from layerscope.h5io import ShardError
 
-        probe_cfg = shards[0].json_attr("spec")["probe_cfg"]
-        per_timestep = bool(probe_cfg.get("lines_per_timestep", True))
-        pooled_on = bool(probe_cfg.get("pooled_curves", True))
+        ps = self.settings(shards[0].json_attr("spec")["probe_cfg"])  # typed; defaults from the schema only
+        per_timestep = bool(ps.lines_per_timestep)
+        pooled_on = bool(ps.pooled_curves)
         blocks0 = shards[0].json_attr("blocks")
         frames, tok_rows = [], []
         pool: dict[tuple[int, int], list[tuple[int, np.ndarray, np.ndarray | None]]] = {}  # (block, image) -> rows

@@ -269,7 +269,7 @@ class SdxlAblation(Probe):
         from layerscope.models.sdxl import GroupConfigError, cross_attention_groups_from_config, unet_config_for
 
         field = "probes.sdxl_ablation.groups"
-        spec = probe_cfg.get("groups", "auto")
+        spec = self.settings(probe_cfg).groups
         if spec == "auto":
             try:
                 groups = cross_attention_groups_from_config(unet_config_for(model_cfg))
@@ -278,7 +278,7 @@ class SdxlAblation(Probe):
             if not groups:
                 raise _config_error(f"config field {field}: the UNet of model {model_cfg.get('name', '?')} has no cross-attention groups")
             return groups
-        if not isinstance(spec, list) or not spec:
+        if not isinstance(spec, (list, tuple)) or not spec:
             raise _config_error(f"config field {field}: expected 'auto' or a non-empty list of group names")
         for g in spec:
             if not isinstance(g, str) or not GROUP_RE.match(g):
@@ -288,13 +288,14 @@ class SdxlAblation(Probe):
         return list(spec)
 
     def axis_values(self, probe_cfg: Mapping[str, Any], model: str, model_cfg: Mapping[str, Any]) -> dict[str, list[str]]:
-        prompts = probe_cfg.get("prompts") or []
+        st = self.settings(probe_cfg)
+        prompts = st.prompts or []
         groups = self.target_groups(probe_cfg, {"name": model, **model_cfg}) + list(CONTROLS)
         return {
             # batch_groups: one shard (one batched generation) per (prompt, seed) covers every group
-            "group": [BATCHED] if probe_cfg.get("batch_groups", False) else groups,
+            "group": [BATCHED] if st.batch_groups else groups,
             "prompt": prompt_labels(prompts),
-            "seed": [str(int(s)) for s in probe_cfg.get("seeds", [])],
+            "seed": [str(int(s)) for s in st.seeds or ()],
         }
 
     def check_model(self, probe_cfg: Mapping[str, Any], model: str, index: int, model_cfg: Mapping[str, Any],
@@ -302,8 +303,8 @@ class SdxlAblation(Probe):
         """Explicit groups must exist in the model's UNet (when its config is readable without weights)."""
         from layerscope.models.sdxl import GroupConfigError, cross_attention_groups_from_config
 
-        groups = probe_cfg.get("groups", "auto")
-        if not isinstance(groups, list) or not arch:
+        groups = self.settings(probe_cfg).groups
+        if not isinstance(groups, (list, tuple)) or not arch:
             return
         try:
             have = cross_attention_groups_from_config(dict(arch))
@@ -315,20 +316,21 @@ class SdxlAblation(Probe):
                                     f"'{g}' (it has {', '.join(have)})")
 
     def check_config(self, probe_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
-        prompts = probe_cfg.get("prompts")
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        st = self.settings(probe_cfg)
+        prompts = st.prompts
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise _config_error("config field probes.sdxl_ablation.prompts: list at least one non-empty prompt")
-        seeds = probe_cfg.get("seeds")
-        if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds):
+        seeds = st.seeds
+        if not isinstance(seeds, (list, tuple)) or not seeds or len(set(seeds)) != len(seeds):
             raise _config_error("config field probes.sdxl_ablation.seeds: list at least one seed, without repeats")
-        clip = probe_cfg.get("clip_model")
+        clip = st.clip_model
         if clip:
             models = config.get("models", {})
             if clip not in models:
                 raise _config_error(f"config field probes.sdxl_ablation.clip_model: unknown model '{clip}'")
             if models[clip].get("family") != "clip":
                 raise _config_error(f"config field probes.sdxl_ablation.clip_model: model '{clip}' is family '{models[clip].get('family')}', expected 'clip'")
-            if clip not in (probe_cfg.get("aux_models") or []):
+            if clip not in (st.aux_models or ()):
                 raise _config_error(f"config field probes.sdxl_ablation.aux_models: must list the clip_model '{clip}' (aux models travel with each shard's spec)")
 
     # ---------------------------------------------------------------- shard
@@ -338,30 +340,29 @@ class SdxlAblation(Probe):
         import numpy as np
         import torch
 
-        from layerscope.models import resolve_device, resolve_dtype, set_threads
+        from layerscope.models import resolve_device, resolve_dtype
         from layerscope.models import sdxl as fam
 
-        cfg = spec.probe_cfg
-        set_threads(spec.threads)
+        cfg = spec.settings  # typed; defaults from the schema only
         device = resolve_device(spec.device)
         dtype = resolve_dtype(str(spec.model_cfg.get("dtype", "fp32")), device)
         target = spec.axes["group"]
         label = spec.axes["prompt"]
-        prompts = list(cfg["prompts"])
+        prompts = list(cfg.prompts)
         labels = prompt_labels(prompts)
         if label not in labels:
             raise ValueError(f"prompt label {label!r} not in probes.sdxl_ablation.prompts ({len(prompts)} prompts)")
         prompt = prompts[labels.index(label)]
         seed = int(spec.axes["seed"])
         batched = target == BATCHED
-        if batched != bool(cfg.get("batch_groups", False)):
+        if batched != bool(cfg.batch_groups):
             raise ValueError(f"shard group {target!r} does not match probes.sdxl_ablation.batch_groups "
-                             f"({bool(cfg.get('batch_groups', False))}): stale plan, rerun")
+                             f"({bool(cfg.batch_groups)}): stale plan, rerun")
 
         pipe = fam.load({"name": spec.model, **spec.model_cfg}, device, dtype)
         model_groups = fam.cross_attention_groups(pipe.unet)
-        planned = self.target_groups(cfg, {"name": spec.model, **spec.model_cfg})
-        if cfg.get("groups", "auto") == "auto" and planned != list(model_groups):
+        planned = self.target_groups(spec.probe_cfg, {"name": spec.model, **spec.model_cfg})
+        if cfg.groups == "auto" and planned != list(model_groups):
             raise ValueError(f"probes.sdxl_ablation.groups 'auto' derived {planned} from the UNet config, "
                              f"but the loaded UNet of {spec.model} has {list(model_groups)}")
         unknown = [g for g in planned if g not in model_groups]
@@ -373,19 +374,19 @@ class SdxlAblation(Probe):
                              f"it has {', '.join(model_groups)}")
         targets = planned + list(CONTROLS) if batched else [target]
         has_pooled = getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
-        pooled_mode = str(cfg.get("pooled_text", "keep"))
+        pooled_mode = str(cfg.pooled_text)
         zeroed = {t: ([] if t == "all" else [g for g in model_groups if g != t]) for t in targets}
         zero_pooled = {t: has_pooled and pooled_mode == "zero" and t != "all" for t in targets}
-        height = int(cfg.get("height") or 0) or None
-        width = int(cfg.get("width") or 0) or None
-        call = dict(negative_prompt=cfg.get("negative_prompt") or None, num_inference_steps=int(cfg.get("steps", 2)),
-                    guidance_scale=float(cfg.get("guidance_scale", 5.0)), height=height, width=width, output_type="np")
+        height = int(cfg.height or 0) or None
+        width = int(cfg.width or 0) or None
+        call = dict(negative_prompt=cfg.negative_prompt or None, num_inference_steps=int(cfg.steps),
+                    guidance_scale=float(cfg.guidance_scale), height=height, width=width, output_type="np")
 
         images: dict[str, np.ndarray] = {}
         records: dict[str, dict[str, Any]] = {t: {} for t in targets}
         from layerscope.progress import current as progress
 
-        prog = progress(len(targets) * int(cfg.get("steps", 2)), "denoising steps")
+        prog = progress(len(targets) * int(cfg.steps), "denoising steps")
 
         def on_step(_pipe: Any, _i: int, _t: Any, kw: dict[str, Any]) -> dict[str, Any]:
             prog.update(1)
@@ -400,8 +401,8 @@ class SdxlAblation(Probe):
             images[target] = np.asarray(out.images[0], dtype=np.float64)
         else:
             images = generate_batched(pipe, prompt, seed, targets, model_groups, zero_pooled, call,
-                                      batch_size=int(cfg.get("batch_size", 0) or 0), records=records)
-            prog.update(len(targets) * int(cfg.get("steps", 2)))
+                                      batch_size=int(cfg.batch_size or 0), records=records)
+            prog.update(len(targets) * int(cfg.steps))
             out = None
         del pipe, out
         gc.collect()  # diffusers pipelines hold reference cycles: free it before the CLIP scorer loads
@@ -434,7 +435,7 @@ class SdxlAblation(Probe):
                     writer.write(f"stats{sub}/{n}.hook_out", records[t][n].to_dict(), attrs={"group": g, "zeroed": g in zeroed[t]})
         writer.set_attr("ablation", {"batched": True, "targets": targets, "images": per_image} if batched else per_image[target])
 
-        clip_name = cfg.get("clip_model")
+        clip_name = cfg.clip_model
         if clip_name:
             from layerscope.models import clip as clipfam
 
