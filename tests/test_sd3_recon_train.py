@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import assert_hooks_documented  # noqa: E402
 import torch
 import torch.nn.functional as F
 
@@ -264,6 +266,8 @@ def test_probe_shard_checkpoint_merge_plot_and_plan(study, tmp_path, monkeypatch
     merge_to_tables("sd3_recon_train", "tiny", paths, "results/sd3_recon_train/tables/tiny", plan.config_hash("sd3_recon_train", "tiny"))
     df = pd.read_csv("results/sd3_recon_train/tables/tiny/losses.csv")
     assert len(df) == 6 and set(df["gamma"]) == {0.0, 0.5}
+    assert_hooks_documented("sd3", set(df["target_hook"]) | set(df["final_hook"]))
+    assert set(df["model"]) == {"tiny"}
     for sh in shards:
         sub = df[df["gamma"] == float(sh.axes["gamma"])]
         g = sh.groups["train/losses"]

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import assert_hooks_documented, shard_hooks  # noqa: E402
 import torch
 
 torch.set_num_threads(1)
@@ -295,6 +297,9 @@ def test_shard_merge_and_figures(tmp_path, tiny_dir, dataset, pipe):
     assert row.n_tokens == mask.sum() < len(mask)
     assert row.strength == pytest.approx(v.mean(), rel=1e-4)
     assert row.topk_mass == pytest.approx(np.sort(v)[-3:].sum() / v.sum(), rel=1e-4)
+    for name in ("samples", "blocks", "blocks_all_timesteps", "pooled", "tokens"):
+        assert_hooks_documented("sd3", tables[name]["hook"])
+    assert_hooks_documented("sd3", shard_hooks(shards))
     assert row.hook == "blocks.2.hook_text_grad" and row.sigma == pytest.approx(float(sch.sigmas[300]))
 
     # the per-block table: numpy over the samples; the pooled row equals the single timestep's

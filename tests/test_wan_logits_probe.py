@@ -7,6 +7,8 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
+
+from conftest import assert_hooks_documented, shard_hooks  # noqa: E402
 import torch
 
 torch.set_num_threads(1)
@@ -41,6 +43,7 @@ def test_probe_end_to_end(model_dir, tmp_path):
             probe.run_shard(spec, w)
         shards.append(Shard(out))
     sh1 = shards[0]
+    assert_hooks_documented("wan", shard_hooks(shards))
     fsl = 2 * 3
     geo = __import__("json").loads(sh1.group_attrs["stats/blocks.3.attn.hook_attn_scores/chunk2"]["geometry"])
     assert geo["frame_seq_length"] == fsl and geo["num_key_frames"] == 9 and geo["query_frames"] == [6, 7, 8]

@@ -20,11 +20,11 @@ from layerscope.hooks import HookPoint
 
 # Canonical hooks (docs/hooks.md): B images, T = 1 + registers + patches tokens, D hidden size.
 HOOKS: dict[str, HookPoint] = {
-    "blocks.{i}.hook_resid_post": HookPoint("layer.{i}", "[B, T, D]", "output of block i (the residual stream, pre-norm)",
+    "blocks.{i}.hook_resid_post": HookPoint("model.layer.{i}", "[B, T, D]", "output of block i (the residual stream, pre-norm)",
                                             ("dinov3_channels",)),
-    "blocks.{i}.ln_layer.hook_normalized": HookPoint("layer.{i}", "[B, T, D]", "block i output through a fresh LayerNorm without affine",
+    "blocks.{i}.ln_layer.hook_normalized": HookPoint("model.layer.{i}", "[B, T, D]", "block i output through a fresh LayerNorm without affine",
                                                      ("dinov3_channels",)),
-    "blocks.{i}.ln_final.hook_normalized": HookPoint("layer.{i}", "[B, T, D]", "block i output through the model's final norm (CLS: cls_norm when untied)",
+    "blocks.{i}.ln_final.hook_normalized": HookPoint("model.layer.{i}", "[B, T, D]", "block i output through the model's final norm (CLS: cls_norm when untied)",
                                                      ("dinov3_channels",)),
 }
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
+from layerscope.plots import save_figure
 from layerscope.probes.base import MOMENTS_LAYOUT, GroupLayout, Probe, ShardSpec, with_model
 
 if TYPE_CHECKING:
@@ -275,7 +276,7 @@ class DinoV3Channels(Probe):
         g.set_titles("{row_name} | {col_name}")
         g.figure.suptitle(f"Channel std (mean over channels) and max|x| per layer {caption}".strip(), y=1.02)
         mark_nonfinite_grid(g, chans, "layer", col="role")
-        g.savefig(fig_dir / "std_max_abs_per_layer.png", dpi=120, bbox_inches="tight")
+        save_figure(g, fig_dir / "std_max_abs_per_layer.png", dpi=120, bbox_inches="tight")
         plt.close(g.figure)
 
         # 2. heat map of the top outlier channels across layers (pre-norm, patch tokens)
@@ -290,7 +291,7 @@ class DinoV3Channels(Probe):
             ax.set_title(f"{m}: top channels by max|x| (pre, patch)")
             mark_nonfinite(ax, sub, "layer", position=list(piv.columns))
         fig.tight_layout()
-        fig.savefig(fig_dir / "outlier_channels_heatmap.png", dpi=120, bbox_inches="tight")
+        save_figure(fig, fig_dir / "outlier_channels_heatmap.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
 
         # 3. magnitude (top-1/2/3, median) versus layer
@@ -302,5 +303,5 @@ class DinoV3Channels(Probe):
         g.set_titles("{row_name} | {col_name}")
         g.figure.suptitle(f"Top-1/2/3 and median |x| per layer (massive: >100 and >1000x median) {caption}".strip(), y=1.02)
         mark_nonfinite_grid(g, layers, "layer", row="role", col="rep")
-        g.savefig(fig_dir / "magnitude_vs_layer.png", dpi=120, bbox_inches="tight")
+        save_figure(g, fig_dir / "magnitude_vs_layer.png", dpi=120, bbox_inches="tight")
         plt.close(g.figure)

@@ -28,6 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
+from layerscope.plots import save_figure
 from layerscope.probes.base import GroupLayout, Probe, ShardSpec, with_model
 
 if TYPE_CHECKING:
@@ -248,5 +249,5 @@ class SD3ReconTrain(Probe):
             g.figure.suptitle(caption, y=1.02, fontsize=9)
         fig_dir = Path(fig_dir)
         fig_dir.mkdir(parents=True, exist_ok=True)
-        g.figure.savefig(fig_dir / "loss_curves.png", dpi=110, bbox_inches="tight")
+        save_figure(g.figure, fig_dir / "loss_curves.png", dpi=110, bbox_inches="tight")
         plt.close(g.figure)

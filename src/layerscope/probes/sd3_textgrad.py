@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
+from layerscope.plots import save_figure
 from layerscope.probes.base import GroupLayout, Probe, ShardSpec, with_model
 
 if TYPE_CHECKING:
@@ -384,5 +385,5 @@ class SD3TextGrad(Probe):
             if ax.get_legend() is not None:
                 sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
             fig.tight_layout()
-            fig.savefig(fig_dir / f"{fname}.png", dpi=120)
+            save_figure(fig, fig_dir / f"{fname}.png", dpi=120)
             plt.close(fig)

@@ -28,6 +28,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
+from layerscope.plots import save_figure
 from layerscope.probes.base import MOMENTS_LAYOUT, GroupLayout, Probe, ShardSpec
 
 if TYPE_CHECKING:
@@ -335,7 +336,7 @@ class WanLogits(Probe):
             g.set_axis_labels("key frame", ylabel)
             g.set_titles("{col_name}")
             g.figure.suptitle(f"Wan last-chunk attention to each key frame ({value}) {caption}".strip(), y=1.02, fontsize=9)
-            g.savefig(fig_dir / f"{fname}.png", dpi=110, bbox_inches="tight")
+            save_figure(g, fig_dir / f"{fname}.png", dpi=110, bbox_inches="tight")
             plt.close(g.figure)
         metrics = ["first_frame_mass", "first_k_mass", "current_chunk_mass", "entropy_frames_norm", "first_minus_middle_logit"]
         mlast = mets[mets.groupby(["model", "layer", "step"])["chunk"].transform("max") == mets["chunk"]]
@@ -350,5 +351,5 @@ class WanLogits(Probe):
                 mark_nonfinite(axes[r][c], sub, "head", position=list(mat.columns))
         fig.suptitle(f"Sink metrics per layer x head (last captured chunk) {caption}".strip(), fontsize=9)
         fig.tight_layout()
-        fig.savefig(fig_dir / "sink_heatmaps.png", dpi=110)
+        save_figure(fig, fig_dir / "sink_heatmaps.png", dpi=110)
         plt.close(fig)
