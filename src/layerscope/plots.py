@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.axes import Axes
 
-__all__ = ["mark_nonfinite", "mark_nonfinite_grid", "NONFINITE_LABEL", "save_figure", "VECTOR_SUFFIX", "image_grid"]
+__all__ = ["mark_nonfinite", "mark_nonfinite_grid", "NONFINITE_LABEL", "save_figure", "VECTOR_SUFFIX", "image_grid", "integer_ticks"]
 
 NONFINITE_LABEL = "non-finite values excluded (count)"
 HATCH_COLOR = "#d62728"
@@ -118,3 +118,13 @@ def image_grid(sub: Any, df: "pd.DataFrame") -> None:
                 ax.set_ylabel(f"seed {s}", fontsize=7)
     m, p = df["model"].iloc[0], df["prompt"].iloc[0]
     sub.suptitle(f"{m} {p}: {df['prompt_text'].iloc[0][:80]!r}", fontsize=8)
+
+
+def integer_ticks(target: Any, axis: str = "x") -> None:
+    """Integer-only ticks on ``axis`` of an Axes or of every Axes of a seaborn grid (layer, block,
+    frame and step axes: a tick at 2.5 blocks means nothing)."""
+    from matplotlib.ticker import MaxNLocator
+
+    grid_axes = getattr(target, "axes", None)  # a seaborn grid: an array of Axes; an Axes: itself
+    for ax in (grid_axes.flat if hasattr(grid_axes, "flat") else [target]):
+        getattr(ax, f"{axis}axis").set_major_locator(MaxNLocator(integer=True))

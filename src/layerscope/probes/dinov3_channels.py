@@ -26,7 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
-from layerscope.plots import save_figure
+from layerscope.plots import integer_ticks, save_figure
 from layerscope.probes.base import MOMENTS_LAYOUT, GroupLayout, Probe, ShardSpec, with_model
 
 if TYPE_CHECKING:
@@ -274,6 +274,8 @@ class DinoV3Channels(Probe):
                         kind="line", markers=True, facet_kws={"sharey": "row"}, height=2.6, aspect=1.4)
         g.set(yscale="log")
         g.set_titles("{row_name} | {col_name}")
+        g.set_axis_labels("block (layer index)", "value (activation units)")
+        integer_ticks(g)
         g.figure.suptitle(f"Channel std (mean over channels) and max|x| per layer {caption}".strip(), y=1.02)
         mark_nonfinite_grid(g, chans, "layer", col="role")
         save_figure(g, fig_dir / "std_max_abs_per_layer.png", dpi=120, bbox_inches="tight")
@@ -289,6 +291,8 @@ class DinoV3Channels(Probe):
             sns.heatmap(np.log10(piv.loc[top].clip(lower=1e-6)), ax=ax, cmap="magma",
                         cbar_kws={"label": "log10 max|x|"})
             ax.set_title(f"{m}: top channels by max|x| (pre, patch)")
+            ax.set_xlabel("block (layer index)")
+            ax.set_ylabel("channel (index)")
             mark_nonfinite(ax, sub, "layer", position=list(piv.columns))
         fig.tight_layout()
         save_figure(fig, fig_dir / "outlier_channels_heatmap.png", dpi=120, bbox_inches="tight")
@@ -301,6 +305,8 @@ class DinoV3Channels(Probe):
                         kind="line", markers=True, height=2.6, aspect=1.3)
         g.set(yscale="log")
         g.set_titles("{row_name} | {col_name}")
+        g.set_axis_labels("block (layer index)", "|x| (activation units)")
+        integer_ticks(g)
         g.figure.suptitle(f"Top-1/2/3 and median |x| per layer (massive: >100 and >1000x median) {caption}".strip(), y=1.02)
         mark_nonfinite_grid(g, layers, "layer", row="role", col="rep")
         save_figure(g, fig_dir / "magnitude_vs_layer.png", dpi=120, bbox_inches="tight")

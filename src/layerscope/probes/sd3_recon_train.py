@@ -28,7 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
-from layerscope.plots import save_figure
+from layerscope.plots import integer_ticks, save_figure
 from layerscope.probes.base import GroupLayout, Probe, ShardSpec, with_model
 
 if TYPE_CHECKING:
@@ -245,6 +245,8 @@ class SD3ReconTrain(Probe):
         g = sns.relplot(data=long, x="step", y="value", hue="gamma", style="target", col="loss", row="model",
                         kind="line", errorbar="sd", facet_kws={"sharey": False}, height=2.6, aspect=1.3)
         g.set_titles("{row_name} | {col_name}")
+        g.set_axis_labels("training step (optimizer steps)", "loss (per-token mean, see loss_convention)")
+        integer_ticks(g)
         if caption:
             g.figure.suptitle(caption, y=1.02, fontsize=9)
         fig_dir = Path(fig_dir)

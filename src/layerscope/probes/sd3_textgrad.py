@@ -364,7 +364,8 @@ class SD3TextGrad(Probe):
         fig_dir = Path(fig_dir)
         s = tables["samples"]
         several = s["line"].nunique() > 1
-        labels = {"strength": "mean token gradient norm", "topk_mass": "top-k mass", "entropy": "entropy (nats)"}
+        labels = {"strength": "mean token gradient norm (||dy/dh||_2)", "topk_mass": "top-k mass (fraction, 0-1)",
+                  "entropy": "entropy (nats)"}
         for metric, fname in FIGURES.items():
             d = s[np.isfinite(s[metric].astype(float))]
             fig, ax = plt.subplots(figsize=(8, 3.8))
@@ -372,7 +373,7 @@ class SD3TextGrad(Probe):
                          dashes=True, errorbar=("ci", 95), n_boot=500, seed=0, ax=ax)
             if metric == "strength":
                 ax.set_yscale("log")
-            ax.set_xlabel("MMDiT block (transformer_blocks.i)")
+            ax.set_xlabel("MMDiT block index i (hook blocks.i.hook_text_grad)")
             ax.set_ylabel(labels[metric])
             n_seeds = d["seed"].nunique()
             n_img = d["image_id"].nunique()

@@ -28,7 +28,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
-from layerscope.plots import save_figure
+from layerscope.plots import integer_ticks, save_figure
 from layerscope.probes.base import MOMENTS_LAYOUT, GroupLayout, Probe, ShardSpec
 
 if TYPE_CHECKING:
@@ -329,11 +329,12 @@ class WanLogits(Probe):
         p = prof[last].copy()
         p["panel"] = p["model"] + " L" + p["layer"].astype(str)
         p["step"] = "step " + p["step"].astype(str)
-        for value, fname, ylabel in (("mean_logit", "frame_logits", "query-averaged logit QK^T/sqrt(d)"),
-                                     ("mass", "frame_mass", "query-averaged softmax mass")):
+        for value, fname, ylabel in (("mean_logit", "frame_logits", "query-averaged logit QK^T/sqrt(d) (logit)"),
+                                     ("mass", "frame_mass", "query-averaged softmax mass (fraction, 0-1)")):
             g = sns.relplot(data=p, x="key_frame", y=value, hue="head", style="step", col="panel", col_wrap=min(4, p["panel"].nunique()),
                             kind="line", marker="o", height=2.6, aspect=1.3, palette="tab20", facet_kws={"sharey": False})
-            g.set_axis_labels("key frame", ylabel)
+            g.set_axis_labels("key frame (latent frame index)", ylabel)
+            integer_ticks(g)
             g.set_titles("{col_name}")
             g.figure.suptitle(f"Wan last-chunk attention to each key frame ({value}) {caption}".strip(), y=1.02, fontsize=9)
             save_figure(g, fig_dir / f"{fname}.png", dpi=110, bbox_inches="tight")
