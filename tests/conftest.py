@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterable
 
 import pytest
 
@@ -64,3 +66,36 @@ def run_snakemake(workdir: Path, *args: str, config: Path | None = None, check: 
     if check and r.returncode != 0:
         raise AssertionError(f"snakemake failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r
+
+
+def documented_hooks(family: str) -> set[str]:
+    """The canonical templates of ``family``'s table in docs/hooks.md (parsed, not imported)."""
+    text = (REPO / "docs" / "hooks.md").read_text()
+    m = re.search(rf"^## {re.escape(family)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+    assert m, f"docs/hooks.md has no table for {family}"
+    return set(re.findall(r"^\| `([^`]+)` \|", m.group(1), re.M))
+
+
+def assert_hooks_documented(family: str, written: "Iterable[str]") -> None:
+    """Every hook a probe wrote (shard groups, table column) is a row of docs/hooks.md's family table."""
+    pats = []
+    for t in documented_hooks(family):
+        out, pos = "", 0
+        for f in re.finditer(r"\{(\w+)\}", t):
+            out += re.escape(t[pos:f.start()]) + (r"\d+" if f.group(1) in ("i", "j") else r"[A-Za-z0-9_.]+?")
+            pos = f.end()
+        pats.append(re.compile(out + re.escape(t[pos:]) + "$"))
+    written = set(written)
+    assert written, "no hooks written"
+    missing = sorted(h for h in written if not any(p.match(h) for p in pats))
+    assert not missing, f"hooks written but not in docs/hooks.md ({family}): {missing}"
+
+
+def shard_hooks(shards: "Iterable") -> set[str]:
+    """Hook names of the ``stats/`` groups of shards (the path part naming a ``hook_``)."""
+    out = set()
+    for sh in shards:
+        for g in sh.groups:
+            if g.startswith("stats/"):
+                out.update(p for p in g.split("/")[1:2] + g.split("/")[2:] if "hook_" in p)
+    return out

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import assert_hooks_documented  # noqa: E402
 import torch
 
 from layerscope.data import load_image, read_index
@@ -90,6 +92,7 @@ def test_stats_equal_numpy_reference_all_reps_and_roles(tmp_path, dinov3_dir, ph
     # the three representations really differ in the tiny model (the norms carry an affine)
     assert not np.allclose(ref[(1, "per_layer_ln", "patch")], ref[(1, "global_ln", "patch")])
     _check_against_reference(tables, ref)
+    assert_hooks_documented("dinov3", {h for name in ("channels", "layers", "outliers") for h in tables[name]["hook"]})
     assert tables["channels"]["hook"].str.match(r"blocks\.\d\.(hook_resid_post|ln_layer\.hook_normalized|ln_final\.hook_normalized)").all()
 
 
@@ -110,9 +113,10 @@ def test_std_eps_default_is_the_notes_and_zero_gives_the_plain_std(tmp_path, din
         row = lay[(lay.layer == 2) & (lay.rep == "pre") & (lay.role == "patch")].iloc[0]
         assert abs(row.std_mean - np.sqrt(x.var(0) + eps).mean()) <= 2e-5 * row.std_mean
     # a constant channel: the note's std is sqrt(1e-8) = 1e-4, not 0; NaN (no value seen) stays NaN
-    from layerscope.probes.dinov3_channels import DEFAULT_STD_EPS, channel_std
+    from layerscope.probes.dinov3_channels import STD_EPS_NOTE, channel_std
+    from layerscope.probes import get_probe
 
-    assert DEFAULT_STD_EPS == 1e-8
+    assert STD_EPS_NOTE == 1e-8 == get_probe("dinov3_channels").settings({}).std_eps  # the note's value is the schema's default
 
     np.testing.assert_array_equal(channel_std(np.array([0.0, np.nan, 4.0]), 1e-8)[[0, 2]], [1e-4, np.sqrt(4.0 + 1e-8)])
     assert np.isnan(channel_std(np.array([np.nan]), 1e-8)[0]) and channel_std(np.array([0.0]), 0.0)[0] == 0.0

@@ -77,7 +77,7 @@ def test_truncated_lora_adapter_names_the_lora_field(tiny_dirs, tmp_path):
     family_module("dinov3").load(cfg, torch.device("cpu"), torch.float32)  # intact: loads
     w = tmp_path / "adapter" / "adapter_model.safetensors"
     w.write_bytes(w.read_bytes()[:50])
-    with pytest.raises(ModelLoadError, match=r"^cannot load the LoRA adapter from .*adapter \(models\.tuned\.lora\): "):
+    with pytest.raises(ModelLoadError, match=r"^cannot load the LoRA weights from .*adapter/adapter_model\.safetensors \(models\.tuned\.lora\): "):
         family_module("dinov3").load(cfg, torch.device("cpu"), torch.float32)
 
 

@@ -108,8 +108,8 @@ def test_capture_matches_a_hand_run_pass(k):
             ref = manual_text_states(tr, x)
     assert torch.allclose(final, ref[L - 1], atol=1e-6, rtol=0)  # output of block L-1 (1-based) = blocks[L-2]
     assert torch.allclose(target, ref[k], atol=1e-6, rtol=0)
-    assert final_hook_name(L) == "transformer_blocks.2.hook_text_out"
-    assert target_hook_name(k) == ("context_embedder.hook_out" if k == 0 else f"transformer_blocks.{k - 1}.hook_text_out")
+    assert final_hook_name(L) == "blocks.2.hook_text_out"
+    assert target_hook_name(k) == ("hook_text_embed" if k == 0 else f"blocks.{k - 1}.hook_text_out")
 
 
 def text_params(block):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import assert_hooks_documented  # noqa: E402
 import torch
 import torch.nn.functional as F
 
@@ -162,7 +164,7 @@ def test_text_mask_and_first_step_against_independent_flow_matching(study):
                                                     ignore_padding=True))
     assert res_p.denoise[0] == res0.denoise[0] and res_p.recon[0] != res.recon[0]
     assert res_p.n_valid_tokens[0] == sum(n_tok[i] for i in ix.tolist())
-    assert res.final_hook == "transformer_blocks.2.hook_text_out" and res.target_hook == "transformer_blocks.0.hook_text_out"
+    assert res.final_hook == "blocks.2.hook_text_out" and res.target_hook == "blocks.0.hook_text_out"
     changed = [k for k, w in pipe.transformer.state_dict().items() if not torch.equal(w, base_state[k])]
     assert len(changed) > 0
 
@@ -261,11 +263,13 @@ def test_probe_shard_checkpoint_merge_plot_and_plan(study, tmp_path, monkeypatch
     assert not list(Path("results/default/sd3_recon_train/shards/tiny").glob("*.resume"))  # resumable state cleaned
     man = json.loads((ck / "layerscope_checkpoint.json").read_text())
     assert man["train"]["gamma"] == 0.5 and man["train"]["target_layer"] == 1 and man["axes"]["seed"] == "0"
-    assert shards[1].attrs["checkpoint"] == str(ck) and shards[1].attrs["target_hook"] == "transformer_blocks.0.hook_text_out"
+    assert shards[1].attrs["checkpoint"] == str(ck) and shards[1].attrs["target_hook"] == "blocks.0.hook_text_out"
 
     merge_to_tables("sd3_recon_train", "tiny", paths, "results/default/sd3_recon_train/tables/tiny", plan.config_hash("sd3_recon_train", "tiny"))
     df = pd.read_csv("results/default/sd3_recon_train/tables/tiny/losses.csv")
     assert len(df) == 6 and set(df["gamma"]) == {0.0, 0.5}
+    assert_hooks_documented("sd3", set(df["target_hook"]) | set(df["final_hook"]))
+    assert set(df["model"]) == {"tiny"}
     for sh in shards:
         sub = df[df["gamma"] == float(sh.axes["gamma"])]
         g = sh.groups["train/losses"]

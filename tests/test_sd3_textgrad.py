@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import assert_hooks_documented, shard_hooks  # noqa: E402
 import torch
 
 torch.set_num_threads(1)
@@ -16,6 +18,7 @@ torch.set_num_threads(1)
 from layerscope.models import ModelLoadError  # noqa: E402
 from layerscope.models import sd3  # noqa: E402
 from layerscope.probes import sd3_textgrad as P  # noqa: E402
+from layerscope.probes import textgrad_compute  # noqa: E402
 
 CPU = torch.device("cpu")
 PROMPTS = ["a cat", "a ginger tabby cat looking to the side"]
@@ -294,20 +297,23 @@ def test_shard_merge_and_figures(tmp_path, tiny_dir, dataset, pipe):
     assert row.n_tokens == mask.sum() < len(mask)
     assert row.strength == pytest.approx(v.mean(), rel=1e-4)
     assert row.topk_mass == pytest.approx(np.sort(v)[-3:].sum() / v.sum(), rel=1e-4)
-    assert row.hook == "transformer_blocks.2.hook_text_grad" and row.sigma == pytest.approx(float(sch.sigmas[300]))
+    for name in ("samples", "blocks", "blocks_all_timesteps", "pooled", "tokens"):
+        assert_hooks_documented("sd3", tables[name]["hook"])
+    assert_hooks_documented("sd3", shard_hooks(shards))
+    assert row.hook == "blocks.2.hook_text_grad" and row.sigma == pytest.approx(float(sch.sigmas[300]))
 
     # the per-block table: numpy over the samples; the pooled row equals the single timestep's
-    blk = tables["blocks"]
+    blk, blk_all = tables["blocks"], tables["blocks_all_timesteps"]
     for b in range(4):
         vals = smp[smp.block == b]["entropy"].to_numpy()
         r = blk[(blk.block == b) & (blk.timestep_index == "300")].iloc[0]
         assert r.entropy_mean == pytest.approx(vals.mean()) and r.entropy_std == pytest.approx(vals.std(ddof=1))
         assert r.rows == 6 and r.n_ok == 6
-        assert blk[(blk.block == b) & (blk.timestep_index == "all")].iloc[0].entropy_mean == pytest.approx(vals.mean())
+        assert blk_all[blk_all.block == b].iloc[0].entropy_mean == pytest.approx(vals.mean())
     # per-token table: mean over seeds and samples of the stored scores
     tok = tables["tokens"]
     t = tok[(tok.block == 2) & (tok.position == 0)].iloc[0]
-    col = np.concatenate([sh.groups["stats/transformer_blocks.2.hook_text_grad"]["token_scores"][:, 0] for sh in shards])
+    col = np.concatenate([sh.groups["stats/blocks.2.hook_text_grad"]["token_scores"][:, 0] for sh in shards])
     assert t["count"] == 6 and t.mean_score == pytest.approx(col.mean(), rel=1e-6) and t.content_fraction == 1.0
 
     # figures
@@ -329,12 +335,12 @@ def test_nonfinite_gradients_are_counted_or_refused_in_fp16(tmp_path, tiny_dir, 
         grads[1][:, 0] = float("nan")  # token 0 (CLIP BOS, always content) of block 1
         return out, grads
 
-    monkeypatch.setattr(P, "text_input_grads", nan_grads)
+    monkeypatch.setattr(textgrad_compute, "text_input_grads", nan_grads)
     sh = run(tmp_path, tiny_dir, dataset, {"timestep": "500", "seed": "0", "slice": "0of1"})
-    d = sh.groups["stats/transformer_blocks.1.hook_text_grad"]
+    d = sh.groups["stats/blocks.1.hook_text_grad"]
     assert list(d["nonfinite"]) == [1, 1, 1] and (d["status"] == P.OK).all()
     assert (d["n_tokens"] == sh.groups["inputs"]["token_mask"].sum(1) - 1).all()
-    assert (sh.groups["stats/transformer_blocks.0.hook_text_grad"]["nonfinite"] == 0).all()
+    assert (sh.groups["stats/blocks.0.hook_text_grad"]["nonfinite"] == 0).all()
     from layerscope.plan import ConfigError
 
     with pytest.raises(ConfigError, match="fp16.*dtype: fp32"):
@@ -417,7 +423,7 @@ def test_pooled_curves_equal_brute_force_from_token_scores(tmp_path, tiny_dir, d
     pooled = P.SD3TextGrad().merge(shards[::-1])["pooled"]  # order must not matter
     topk = 3
     for block in range(4):
-        hook = f"stats/transformer_blocks.{block}.hook_text_grad"
+        hook = f"stats/blocks.{block}.hook_text_grad"
         for tkey in ("all", "200"):
             per_pair = {"strength": [], "topk_mass": [], "entropy": []}
             for img in range(3):
@@ -444,8 +450,8 @@ def test_pooled_curves_equal_brute_force_from_token_scores(tmp_path, tiny_dir, d
                 half = sps.t.ppf(0.975, 2) * vals.std(ddof=1) / math.sqrt(3)
                 assert row[f"{m}_ci_high"] - row[m] == pytest.approx(half, rel=1e-6)
     # pooling before the metrics is not the mean of per-row metrics (the project's per-row table)
-    blk = P.SD3TextGrad().merge(shards)["blocks"]
-    r = blk[(blk.block == 1) & (blk.timestep_index == "all")].iloc[0]
+    blk = P.SD3TextGrad().merge(shards)["blocks_all_timesteps"]
+    r = blk[blk.block == 1].iloc[0]
     p = pooled[(pooled.block == 1) & (pooled.timestep_index == "all")].iloc[0]
     assert abs(r.entropy_mean - p.entropy) > 1e-6
 
@@ -663,7 +669,11 @@ def test_every_table_row_names_timestep_sigma_and_model_timestep(tmp_path, tiny_
     shards = [run(tmp_path, tiny_dir, dataset, {"timestep": t, "seed": "0", "slice": "0of1"}, save_token_scores=True)
               for t in ("250", "600")]
     tables = P.SD3TextGrad().merge(shards)
+    pooled_over_t = tables.pop("blocks_all_timesteps")  # aggregate rows: their own table, no timestep columns
+    assert set(pooled_over_t["timestep_convention"]) == {"note"} and "timestep_index" not in pooled_over_t
+    assert (tables["blocks"]["timestep_index"].astype(str) != "all").all()
     for name, df in tables.items():
+        assert set(df["model"]) == {shards[0].model}, name
         assert {"timestep_convention", "timestep_index", "timestep", "sigma"} <= set(df.columns), name
         assert set(df["timestep_convention"]) == {"note"}, name
         per = df[df["timestep_index"].astype(str) != "all"]

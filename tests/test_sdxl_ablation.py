@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import assert_hooks_documented, shard_hooks  # noqa: E402
 import torch
 
 from layerscope.h5io import Shard, ShardWriter
@@ -240,6 +242,7 @@ def test_end_to_end_scores_grid_and_controls(workdir, monkeypatch, tmp_path):
     tables = probe.merge([Shard(p) for p in paths])
     sc, im = tables["scores"], tables["images"]
     assert len(sc) == len(im) == 24
+    assert_hooks_documented("sdxl", shard_hooks(Shard(p) for p in paths))
 
     def img(prompt, group, seed):
         row = im[(im.prompt == prompt) & (im.group == group) & (im.seed == seed)]

@@ -18,6 +18,7 @@ from diffusers import WanTransformer3DModel  # noqa: E402
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
 
 from layerscope.models import wan  # noqa: E402
+from layerscope.models import wan_sampler  # noqa: E402
 
 DEV = torch.device("cpu")
 
@@ -68,7 +69,7 @@ def test_kv_cache_equals_block_causal_recompute(tr, monkeypatch):
         for name in ("logit_sum", "mass_sum", "logit_max"):
             np.testing.assert_allclose(red_a.arrays()[name], red_b.arrays()[name], rtol=1e-5, atol=1e-4)
     # the comparison can fail: without the block-causal mask the recompute is a different computation
-    monkeypatch.setattr(wan, "block_causal_mask", lambda n, bf, fsl, dev: torch.ones(n * fsl, n * fsl, dtype=torch.bool))
+    monkeypatch.setattr(wan_sampler, "block_causal_mask", lambda n, bf, fsl, dev: torch.ones(n * fsl, n * fsl, dtype=torch.bool))
     c = wan.generate(tr, text, noise, cfg, "mask", step_noise_seed=5)
     assert (c - a).abs().max() > 1e-3
 

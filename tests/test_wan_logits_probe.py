@@ -7,6 +7,8 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
+
+from conftest import assert_hooks_documented, shard_hooks  # noqa: E402
 import torch
 
 torch.set_num_threads(1)
@@ -41,16 +43,17 @@ def test_probe_end_to_end(model_dir, tmp_path):
             probe.run_shard(spec, w)
         shards.append(Shard(out))
     sh1 = shards[0]
+    assert_hooks_documented("wan", shard_hooks(shards))
     fsl = 2 * 3
-    geo = __import__("json").loads(sh1.group_attrs["stats/blocks.3.attn1.hook_attn_logits/chunk2"]["geometry"])
+    geo = __import__("json").loads(sh1.group_attrs["stats/blocks.3.attn.hook_attn_scores/chunk2"]["geometry"])
     assert geo["frame_seq_length"] == fsl and geo["num_key_frames"] == 9 and geo["query_frames"] == [6, 7, 8]
     assert geo["timestep"] == pytest.approx(937.5)  # step 1 of [1000, 750, ...] at shift 5
     # the sidecar's full float16 logits reduce to the shard's sums
     with h5py.File(tmp_path / "layers-0-3__step-1__seed-1.logits.h5") as f:
-        full = f["blocks.3.attn1.hook_attn_logits/chunk2/logits"][()].astype(np.float64)
-        assert f["blocks.0.attn1.hook_attn_logits/chunk0/logits"].shape == (1, 2, 3 * fsl, 3 * fsl)
+        full = f["blocks.3.attn.hook_attn_scores/chunk2/logits"][()].astype(np.float64)
+        assert f["blocks.0.attn.hook_attn_scores/chunk0/logits"].shape == (1, 2, 3 * fsl, 3 * fsl)
     assert full.shape == (1, 2, 3 * fsl, 9 * fsl)
-    g1 = sh1.groups["stats/blocks.3.attn1.hook_attn_logits/chunk2"]
+    g1 = sh1.groups["stats/blocks.3.attn.hook_attn_scores/chunk2"]
     lf = full.reshape(1, 2, 3, fsl, 9, fsl)
     np.testing.assert_allclose(g1["logit_sum"], lf.sum(axis=(0, 3, 5)), rtol=2e-3, atol=2e-2)
     p = np.exp(full - full.max(-1, keepdims=True))
@@ -61,7 +64,7 @@ def test_probe_end_to_end(model_dir, tmp_path):
     prof, mets = tables["frame_profile"], tables["sink_metrics"]
     assert set(prof["layer"]) == {0, 3} and set(prof["chunk"]) == {0, 2} and (prof["n_seeds"] == 2).all()
     # merged means: sums of both seeds over the total query tokens
-    g2 = shards[1].groups["stats/blocks.3.attn1.hook_attn_logits/chunk2"]
+    g2 = shards[1].groups["stats/blocks.3.attn.hook_attn_scores/chunk2"]
     want_logit = (g1["logit_sum"].sum(1) + g2["logit_sum"].sum(1)) / (2 * 3 * fsl * fsl)
     want_mass = (g1["mass_sum"].sum(1) + g2["mass_sum"].sum(1)) / (2 * 3 * fsl)
     sub = prof[(prof.layer == 3) & (prof.chunk == 2)].sort_values(["head", "key_frame"])

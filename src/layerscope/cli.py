@@ -248,7 +248,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 def cmd_textgrad(args: argparse.Namespace) -> None:
     from layerscope.models import set_threads
-    from layerscope.probes.sd3_textgrad import run_pair
+    from layerscope.textgrad_pair import run_pair
 
     set_threads(args.threads)
     cfg: dict[str, Any] = {"topk": args.topk, "max_sequence_length": args.max_sequence_length,

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.axes import Axes
 
-__all__ = ["mark_nonfinite", "mark_nonfinite_grid", "NONFINITE_LABEL"]
+__all__ = ["mark_nonfinite", "mark_nonfinite_grid", "NONFINITE_LABEL", "save_figure", "VECTOR_SUFFIX", "image_grid", "integer_ticks"]
 
 NONFINITE_LABEL = "non-finite values excluded (count)"
 HATCH_COLOR = "#d62728"
@@ -79,3 +79,52 @@ def mark_nonfinite_grid(grid: Any, df: "pd.DataFrame", x: str, row: str | None =
                 sub = sub[sub[n] == k]
         total += mark_nonfinite(ax, sub, x, count)
     return total
+
+
+VECTOR_SUFFIX = ".pdf"
+
+
+def save_figure(fig: Any, png: "str | Path", **savefig_kw: Any) -> None:
+    """Write a figure as the declared PNG and, beside it, a vector copy (``.pdf``, same name) a paper
+    can scale: text and lines stay vectors, images (sample grids, heatmaps) stay embedded rasters.
+    ``fig``: a matplotlib Figure or anything with ``.figure`` (a seaborn grid)."""
+    from pathlib import Path
+
+    fig = getattr(fig, "figure", fig)
+    png = Path(png)
+    fig.savefig(png, **savefig_kw)
+    fig.savefig(png.with_suffix(VECTOR_SUFFIX), **{k: v for k, v in savefig_kw.items() if k != "dpi"})
+
+
+def image_grid(sub: Any, df: "pd.DataFrame") -> None:
+    """One panel of generated images into a (sub)figure: rows seeds, columns the ``group`` values in
+    ``order``; cells read the ``png`` column. Titled with the model, prompt label and text."""
+    import numpy as np
+    from PIL import Image
+
+    cols = df.sort_values("order")["group"].drop_duplicates().tolist()
+    seeds = sorted(df["seed"].unique())
+    axs = sub.subplots(len(seeds), len(cols), squeeze=False)
+    for i, s in enumerate(seeds):
+        for j, g in enumerate(cols):
+            ax = axs[i][j]
+            hit = df[(df["seed"] == s) & (df["group"] == g)]
+            if len(hit):
+                ax.imshow(np.asarray(Image.open(hit["png"].iloc[0]).convert("RGB")))
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title(g.replace(".attentions.", "\n.attn."), fontsize=7)
+            if j == 0:
+                ax.set_ylabel(f"seed {s}", fontsize=7)
+    m, p = df["model"].iloc[0], df["prompt"].iloc[0]
+    sub.suptitle(f"{m} {p}: {df['prompt_text'].iloc[0][:80]!r}", fontsize=8)
+
+
+def integer_ticks(target: Any, axis: str = "x") -> None:
+    """Integer-only ticks on ``axis`` of an Axes or of every Axes of a seaborn grid (layer, block,
+    frame and step axes: a tick at 2.5 blocks means nothing)."""
+    from matplotlib.ticker import MaxNLocator
+
+    grid_axes = getattr(target, "axes", None)  # a seaborn grid: an array of Axes; an Axes: itself
+    for ax in (grid_axes.flat if hasattr(grid_axes, "flat") else [target]):
+        getattr(ax, f"{axis}axis").set_major_locator(MaxNLocator(integer=True))

@@ -26,10 +26,8 @@ convention instead: an index i into the shifted discrete schedule drawn with den
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,91 +37,20 @@ import numpy as np
 import torch
 
 from layerscope.models import ModelLoadError
-from layerscope.models.sd3_light import LightSD3Pipeline, LossSettings, ReconConfigError, compute_losses, final_hook_name, target_hook_name
-from layerscope.models.sd3_light_settings import TIMESTEP_SAMPLINGS, WEIGHTINGS, check_renamed, check_timestep_settings
+from layerscope.models.sd3_light import LightSD3Pipeline, ReconConfigError, compute_losses, final_hook_name, target_hook_name
+from layerscope.models.sd3_light_settings import TIMESTEP_SAMPLINGS, WEIGHTINGS  # noqa: F401  (re-exported)
+from layerscope.training_config import (  # noqa: F401  (settings of a run; re-exported)
+    DEFAULT_LORA_TARGETS, MIXED_PRECISION, OPTIMIZERS, FineTuneConfig, config_from_probe, manifest_of)
+from layerscope.training_io import (  # noqa: F401  (resume state and checkpoints; re-exported)
+    CHECKPOINT_MANIFEST, RESUME_FILE, _rng_state, _set_rng_state, _trainable_state, load_resume_state, save_checkpoint,
+    save_resume_state)
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusion3Pipeline
 
-__all__ = ["FineTuneConfig", "TrainResult", "load_pipeline", "encode_dataset", "text_token_mask", "fine_tune",
+__all__ = ["FineTuneConfig", "TrainResult", "load_pipeline", "encode_dataset", "fine_tune",
            "save_checkpoint", "sample_timesteps", "CHECKPOINT_MANIFEST", "DEFAULT_LORA_TARGETS", "TIMESTEP_SAMPLINGS",
            "WEIGHTINGS"]
-
-CHECKPOINT_MANIFEST = "layerscope_checkpoint.json"
-# SD3 joint-attention projections: image stream (to_q/k/v, to_out.0) and text stream (add_*_proj, to_add_out)
-DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-MIXED_PRECISION = ("no", "bf16")
-OPTIMIZERS = ("adamw", "adamw8bit")
-RESUME_FILE = "state.pt"
-
-
-@dataclass(frozen=True)
-class FineTuneConfig:
-    """Settings of one fine-tuning run (probe config keys of the same names)."""
-
-    gamma: float = 0.0
-    target_layer: int = 0
-    seed: int = 0
-    steps: int = 20
-    batch_size: int = 2
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0: no clipping
-    mode: str = "full"  # full | lora
-    lora_rank: int = 4
-    lora_alpha: float = 4.0
-    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    timestep_sampling: str = "logit_normal"  # logit_normal (continuous sigma, then shift) | discrete
-    shift: float | None = None  # None: the pipeline scheduler's shift
-    weighting: str | None = None  # discrete only: index density uniform (None) | logit_normal | mode
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
-    loss_type: str | None = None  # None: pseudo_huber when pseudo_huber_c is set, else mse
-    pseudo_huber_c: float | None = None
-    masked_mean: bool = False
-    ignore_padding: bool = False
-    image_size: int = 0  # 0: transformer.sample_size * vae_scale_factor
-    max_sequence_length: int = 77  # T5 part of the joint text sequence
-    max_images: int = 0  # 0: all
-    # execution settings (issue 16: training at real size; issue 14: resume) - see the probe schema
-    checkpoint_every: int = 0  # steps between resumable checkpoints; 0: none
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "no"  # no | bf16 (autocast; master weights and optimizer state stay fp32)
-    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("full", "lora"):
-            raise ReconConfigError(f"mode: {self.mode!r} is not one of full, lora")
-        check_timestep_settings(self.timestep_sampling, self.weighting, self.shift)
-        self.loss_settings  # validates loss_type / pseudo_huber_c / masked_mean / ignore_padding
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ReconConfigError(f"mixed_precision: {self.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ReconConfigError(f"optimizer: {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        if int(self.checkpoint_every) < 0:
-            raise ReconConfigError(f"checkpoint_every: must be >= 0, got {self.checkpoint_every!r}")
-        for key in ("steps", "batch_size", "max_sequence_length", "lora_rank"):
-            if int(getattr(self, key)) < 1:
-                raise ReconConfigError(f"{key}: must be >= 1, got {getattr(self, key)!r}")
-
-    @property
-    def model_config(self) -> dict[str, Any]:
-        return {"text_recon_gamma": float(self.gamma), "text_recon_target_layer": int(self.target_layer)}
-
-    @property
-    def loss_config(self) -> dict[str, Any]:
-        """The loss keys as the sd3_light pipeline's ``config`` takes them."""
-        out: dict[str, Any] = {"masked_mean": self.masked_mean, "ignore_padding": self.ignore_padding}
-        if self.loss_type is not None:
-            out["loss_type"] = self.loss_type
-        if self.pseudo_huber_c is not None:
-            out["pseudo_huber_c"] = float(self.pseudo_huber_c)
-        return out
-
-    @property
-    def loss_settings(self) -> LossSettings:
-        return LossSettings.from_config(self.loss_config)
 
 
 def sample_timesteps(cfg: FineTuneConfig, batch_size: int, generator: torch.Generator, sigmas: torch.Tensor,
@@ -193,16 +120,6 @@ def load_pipeline(model_cfg: Mapping[str, Any], device: torch.device, dtype: tor
     return pipe
 
 
-def text_token_mask(pipe: "StableDiffusion3Pipeline", captions: Sequence[str], max_sequence_length: int) -> torch.Tensor:
-    """bool [N, 77 + max_sequence_length]: which joint text positions hold a real token (the sd3
-    family's definition: CLIP positions real for either CLIP tokenizer, then the T5 attention mask,
-    all padding without T5)."""
-    from layerscope.models.sd3 import text_token_mask as sd3_mask
-
-    return sd3_mask(pipe, list(captions), max_sequence_length)
-
-
-@torch.no_grad()
 def encode_dataset(pipe: "StableDiffusion3Pipeline", images: Sequence[Any], captions: Sequence[str], image_size: int,
                    max_sequence_length: int, batch_size: int = 8) -> dict[str, torch.Tensor]:
     """Frozen encoders, once: latents (VAE mean, shifted and scaled as SD3 trains), prompt
@@ -222,7 +139,9 @@ def encode_dataset(pipe: "StableDiffusion3Pipeline", images: Sequence[Any], capt
                                         max_sequence_length=max_sequence_length)
         pe.append(e.float())
         pp.append(p.float())
-    mask = text_token_mask(pipe, captions, max_sequence_length).to(dev)
+    from layerscope.models.sd3 import text_token_mask
+
+    mask = text_token_mask(pipe, list(captions), max_sequence_length).to(dev)
     out = {"latents": torch.cat(lat), "prompt_embeds": torch.cat(pe), "pooled": torch.cat(pp), "text_mask": mask}
     if out["prompt_embeds"].shape[1] != mask.shape[1]:
         raise RuntimeError(f"text mask covers {mask.shape[1]} positions but the prompt embeddings have {out['prompt_embeds'].shape[1]}")
@@ -261,64 +180,6 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: FineTuneConfig) -> tor
                                    "which is not importable here; use optimizer: adamw") from None
         return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-
-
-def _rng_state() -> dict[str, Any]:
-    import random
-
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(st: Mapping[str, Any]) -> None:
-    import random
-
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
-    if st.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _trainable_state(tr: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights that train (all of the MMDiT in full mode, the LoRA factors in lora mode)."""
-    return {n: p.detach().clone() for n, p in tr.named_parameters() if p.requires_grad}
-
-
-def save_resume_state(resume_dir: Path, state: Mapping[str, Any]) -> None:
-    """Write ``resume_dir/state.pt`` atomically (temporary file, fsync, rename): a kill while
-    writing leaves the previous resumable state intact."""
-    resume_dir.mkdir(parents=True, exist_ok=True)
-    tmp = resume_dir / f".{RESUME_FILE}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(dict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, resume_dir / RESUME_FILE)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def load_resume_state(resume_dir: Path | None, cfg: FineTuneConfig, fingerprint: str) -> dict[str, Any] | None:
-    """The last resumable state of this very run, or None (no state, or one written by a run with
-    other settings or data: that one is ignored with a warning, and training starts over)."""
-    import logging
-
-    if resume_dir is None or not (resume_dir / RESUME_FILE).is_file():
-        return None
-    try:
-        st = torch.load(resume_dir / RESUME_FILE, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: start over, say so
-        logging.getLogger("layerscope").warning("ignoring unreadable resume state %s (%s); training from step 0",
-                                                resume_dir / RESUME_FILE, e)
-        return None
-    if st.get("fingerprint") != fingerprint or st.get("train") != asdict(cfg):
-        logging.getLogger("layerscope").warning("ignoring resume state %s: written by a run with other settings or data; "
-                                                "training from step 0", resume_dir / RESUME_FILE)
-        return None
-    return st
 
 
 def fine_tune(pipe: "StableDiffusion3Pipeline", data: Mapping[str, torch.Tensor], cfg: FineTuneConfig,
@@ -468,16 +329,6 @@ def _fault_step() -> int | None:
     return int(rest) if kind == "kill_after_step" and rest.strip().isdigit() else None
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".old-{os.getpid()}-{out.name}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
 def base_pipeline_dir(model_cfg: Mapping[str, Any]) -> Path | None:
     """The local folder of the base pipeline (a path source, or a hub id's snapshot in the local
     cache), or None when there is none to link to."""
@@ -510,58 +361,3 @@ def free_frozen_components(pipe: "StableDiffusion3Pipeline", drop: bool) -> None
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def save_checkpoint(pipe: "StableDiffusion3Pipeline", peft_model: Any, out_dir: str | Path, manifest: Mapping[str, Any],
-                    base_dir: str | Path | None = None) -> Path:
-    """Write the trained model to ``out_dir`` atomically (temporary directory, then rename).
-
-    lora: the peft adapter directory (a few MB).  full with a ``base_dir``: a pipeline folder whose
-    ``transformer/`` holds the trained weights and whose other components (text encoders, VAE,
-    tokenizers, scheduler) are relative symbolic links to the base's folders - it loads as any SD3
-    pipeline (``source: <checkpoint>``) yet stores only the transformer (kind ``transformer+links``).
-    full without one: the whole pipeline (``save_pretrained``, kind ``pipeline``)."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".partial-{os.getpid()}-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        if peft_model is None and base_dir is not None:
-            base = Path(os.path.abspath(base_dir))
-            tmp.mkdir()
-            pipe.transformer.save_pretrained(tmp / "transformer")
-            index = json.loads((base / "model_index.json").read_text())
-            for comp, val in index.items():
-                if comp.startswith("_") or comp == "transformer" or not isinstance(val, list) or val[0] is None:
-                    continue
-                if (base / comp).exists():
-                    os.symlink(os.path.relpath(base / comp, os.path.abspath(out)), tmp / comp, target_is_directory=True)
-            shutil.copyfile(base / "model_index.json", tmp / "model_index.json")
-            kind = "transformer+links"
-        elif peft_model is None:
-            pipe.save_pretrained(tmp)
-            kind = "pipeline"
-        else:
-            peft_model.save_pretrained(str(tmp))
-            kind = "lora"
-        (tmp / CHECKPOINT_MANIFEST).write_text(json.dumps({**manifest, "kind": kind}, indent=1, sort_keys=True, default=str))
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def config_from_probe(probe_cfg: Mapping[str, Any], gamma: float, target_layer: int, seed: int) -> FineTuneConfig:
-    """FineTuneConfig from the probe config (keys of the same names; the schema refuses unknown
-    keys, and the renamed ``huber_c`` is refused here too)."""
-    check_renamed(probe_cfg)
-    names = {f for f in FineTuneConfig.__dataclass_fields__} - {"gamma", "target_layer", "seed"}
-    kw = {k: probe_cfg[k] for k in names if k in probe_cfg and probe_cfg[k] is not None}
-    if "lora_targets" in kw:
-        kw["lora_targets"] = tuple(kw["lora_targets"])
-    return FineTuneConfig(gamma=float(gamma), target_layer=int(target_layer), seed=int(seed), **kw)
-
-
-def manifest_of(cfg: FineTuneConfig, base: Mapping[str, Any]) -> dict[str, Any]:
-    return {"base_model": {k: base.get(k) for k in ("family", "kind", "path", "hub_id", "lora")}, "train": asdict(cfg)}

@@ -16,6 +16,17 @@ import torch
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 from layerscope.models import ModelLoadError, config_field, loading, source_of
+from layerscope.hooks import HookPoint
+
+# Canonical hooks (docs/hooks.md): B images, T = 1 + registers + patches tokens, D hidden size.
+HOOKS: dict[str, HookPoint] = {
+    "blocks.{i}.hook_resid_post": HookPoint("model.layer.{i}", "[B, T, D]", "output of block i (the residual stream, pre-norm)",
+                                            ("dinov3_channels",)),
+    "blocks.{i}.ln_layer.hook_normalized": HookPoint("model.layer.{i}", "[B, T, D]", "block i output through a fresh LayerNorm without affine",
+                                                     ("dinov3_channels",)),
+    "blocks.{i}.ln_final.hook_normalized": HookPoint("model.layer.{i}", "[B, T, D]", "block i output through the model's final norm (CLS: cls_norm when untied)",
+                                                     ("dinov3_channels",)),
+}
 
 # Tiny architectures for offline studies and tests (real ones load by hub id or path).
 TINY_ARCHS: dict[str, dict[str, Any]] = {
@@ -85,13 +96,9 @@ def load(model_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype)
         with loading("DINOv3 weights", src, config_field(model_cfg)):
             model = DINOv3ViTModel.from_pretrained(src, dtype=dtype)
     if model_cfg.get("lora"):
-        from peft import PeftModel
+        from layerscope.models import lora
 
-        lora = Path(model_cfg["lora"])
-        if not (lora / "adapter_config.json").is_file():
-            raise ModelLoadError(f"{config_field(model_cfg, 'lora')}: {lora} has no adapter_config.json (expected a peft adapter directory)")
-        with loading("the LoRA adapter", lora, config_field(model_cfg, "lora")):
-            model = PeftModel.from_pretrained(model, str(lora)).merge_and_unload()
+        lora.apply_adapter(model, str(model_cfg["lora"]), config_field(model_cfg, "lora"))
     if model_cfg.get("lora_payload"):
         from layerscope.hub import local_file
 
@@ -308,7 +315,7 @@ def apply_lora_payload(model: DINOv3ViTModel, path: str | Path, field: str) -> D
     The payload's ``peft.config`` is a ``LoraConfig`` as a dict; its weights may use the official
     module names (a head trained on the torch.hub backbone: ``blocks.N.attn.qkv``) or transformers'
     (``model.layer.N.attention.q_proj``). Either way peft itself injects and merges the adapter."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from layerscope.models import lora
 
     p = Path(path)
     payload = _torch_load(p, field)
@@ -316,19 +323,12 @@ def apply_lora_payload(model: DINOv3ViTModel, path: str | Path, field: str) -> D
     if not isinstance(peft_part, Mapping) or not isinstance(peft_part.get("config"), Mapping) \
             or not isinstance(peft_part.get("state_dict"), Mapping):
         raise ModelLoadError(f"{field}: {p} has no LoRA payload (expected a dict with peft: {{config, state_dict}})")
-    cfg = {k: v for k, v in dict(peft_part["config"]).items() if k in LoraConfig.__dataclass_fields__}
-    cfg.pop("base_model_name_or_path", None)
-    cfg.pop("revision", None)
+    cfg = dict(peft_part["config"])
     targets = cfg.get("target_modules")
     if isinstance(targets, (list, tuple, set)):
         cfg["target_modules"] = sorted({t2 for t in targets for t2 in _TARGET_O2H.get(str(t).split(".")[-1], [str(t)])})
-    with loading("the LoRA payload", p, field):
-        sd = _lora_to_hf(peft_part["state_dict"], model.config.hidden_size)
-        peft_model = get_peft_model(model, LoraConfig(**cfg))
-        res = set_peft_model_state_dict(peft_model, {f"base_model.model.{k}": v for k, v in sd.items()})
-    if getattr(res, "unexpected_keys", None):
-        raise ModelLoadError(f"{field}: {p}: LoRA weights do not match the backbone (e.g. {res.unexpected_keys[:3]})")
-    return peft_model.merge_and_unload()
+    lora.apply_payload(model, cfg, _lora_to_hf(peft_part["state_dict"], model.config.hidden_size), p, field)
+    return model
 
 
 def preprocess(images: list, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

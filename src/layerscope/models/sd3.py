@@ -26,7 +26,20 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from layerscope.models import ModelLoadError, config_field, loading, source_of
+from layerscope.models import ModelLoadError, config_field, loading, lora, source_of
+from layerscope.hooks import HookPoint
+
+# Canonical hooks (docs/hooks.md): B samples, L text tokens (77 CLIP + max_sequence_length T5), Dj the
+# joint attention width (the text stream's hidden size).
+HOOKS: dict[str, HookPoint] = {
+    "blocks.{i}.hook_text_grad": HookPoint("transformer_blocks.{i}", "[B, L, Dj]",
+                                           "dy/d(text stream entering block i), y = sum(transformer output^2)",
+                                           ("sd3_textgrad",)),
+    "blocks.{i}.hook_text_out": HookPoint("transformer_blocks.{i}", "[B, L, Dj]", "text stream leaving block i",
+                                          ("sd3_recon_train",)),
+    "hook_text_embed": HookPoint("context_embedder", "[B, L, Dj]", "text stream entering block 0 (context embedder output)",
+                                 ("sd3_recon_train",)),
+}
 
 __all__ = [
     "TINY_ARCHS", "tiny_pipeline", "build_tiny", "build_tiny_lora", "load", "apply_lora", "parse_lora_target", "save_lora_adapter",
@@ -184,7 +197,7 @@ def load(model_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype)
     if model_cfg.get("checkpoint"):
         apply_checkpoint(pipe, model_cfg["checkpoint"], config_field(model_cfg, "checkpoint"))
     if model_cfg.get("lora"):
-        apply_lora(pipe.transformer, model_cfg["lora"], model_cfg.get("lora_target"))
+        apply_lora(pipe.transformer, model_cfg["lora"], model_cfg.get("lora_target"), config_field(model_cfg, "lora"))
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
@@ -297,98 +310,19 @@ LORA_ALIASES["attn"] = LORA_ALIASES["image"] + LORA_ALIASES["text"]
 
 
 def parse_lora_target(target: str | Sequence[str] | None) -> list[str] | None:
-    """Target modules from config: None, a comma-separated string or a list; the aliases 'image',
-    'text' and 'attn' expand to SD3's attention projections."""
-    if target is None:
-        return None
-    items = [t.strip() for t in target.split(",")] if isinstance(target, str) else [str(t).strip() for t in target]
-    out: list[str] = []
-    for t in items:
-        if not t:
-            continue
-        for m in LORA_ALIASES.get(t, [t]):
-            if m not in out:
-                out.append(m)
-    if not out:
-        raise ModelLoadError("models.*.lora_target: no target modules given")
-    return out
+    """Target modules from config (see :func:`layerscope.models.lora.parse_target`) with SD3's aliases."""
+    return lora.parse_target(target, LORA_ALIASES)
 
 
-def _target_of(key: str) -> str:
-    """'transformer_blocks.0.attn.add_q_proj.lora_A.weight' -> 'transformer_blocks.0.attn.add_q_proj'."""
-    return key.split(".lora_")[0]
+def apply_lora(transformer: torch.nn.Module, adapter_dir: str | Path, target: str | Sequence[str] | None = None,
+               field: str = "models.*.lora") -> list[str]:
+    """Inject and merge a peft adapter folder into the MMDiT (:func:`layerscope.models.lora.apply_adapter`);
+    ``target`` (model config ``lora_target``) may restrict it to a subset, SD3 aliases allowed."""
+    return lora.apply_adapter(transformer, adapter_dir, field, target, LORA_ALIASES,
+                              strip_prefixes=("base_model.model.", "transformer."))
 
 
-def _matches(module_path: str, targets: Sequence[str]) -> bool:
-    return any(module_path == t or module_path.endswith("." + t) for t in targets)
-
-
-def apply_lora(transformer: torch.nn.Module, adapter_dir: str | Path, target: str | Sequence[str] | None = None) -> list[str]:
-    """Inject a peft LoRA adapter into ``transformer`` and merge it into the weights.
-
-    Target modules come from the adapter's ``adapter_config.json``; ``target`` (model config
-    ``lora_target``) may restrict them to a subset (every listed module must have weights in the
-    adapter).  Keys saved by ``PeftModel.save_pretrained`` ('base_model.model.' prefix) and by
-    ``get_peft_model_state_dict`` (no prefix) both load; any key that does not land is an error,
-    never a silent partial load.  Returns the adapted module paths.
-    """
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from safetensors.torch import load_file
-
-    adapter_dir = Path(adapter_dir)
-    cfg_file = adapter_dir / "adapter_config.json"
-    if not cfg_file.is_file():
-        raise ModelLoadError(f"models.*.lora: {adapter_dir} has no adapter_config.json (expected a peft adapter directory)")
-    weights = next((adapter_dir / f for f in ("adapter_model.safetensors", "adapter_model.bin") if (adapter_dir / f).is_file()), None)
-    if weights is None:
-        raise ModelLoadError(f"models.*.lora: {adapter_dir} has no adapter_model.safetensors")
-    try:
-        config = LoraConfig.from_pretrained(str(adapter_dir))
-    except (ValueError, TypeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{cfg_file}: not a LoRA config ({e})") from None
-    with loading("the LoRA weights", weights, "models.*.lora"):
-        state = load_file(str(weights)) if weights.suffix == ".safetensors" else torch.load(weights, map_location="cpu")
-    state = {k.removeprefix("base_model.model.").removeprefix("transformer."): v for k, v in state.items()}
-    adapted = sorted({_target_of(k) for k in state})
-    override = parse_lora_target(target)
-    if override is not None:
-        missing = [t for t in override if not any(_matches(a, [t]) for a in adapted)]
-        if missing:
-            raise ModelLoadError(f"models.*.lora_target: modules {missing} have no weights in {weights}")
-        state = {k: v for k, v in state.items() if _matches(_target_of(k), override)}
-        adapted = sorted({_target_of(k) for k in state})
-    config.target_modules = set(adapted)  # exact module paths: nothing is injected without weights
-    config.inference_mode = True
-    dtype = next(transformer.parameters()).dtype
-    try:
-        inject_adapter_in_model(config, transformer)
-        res = set_peft_model_state_dict(transformer, state)
-    except (ValueError, RuntimeError, KeyError) as e:
-        raise ModelLoadError(f"cannot apply LoRA adapter {adapter_dir}: {str(e).splitlines()[0]}") from None
-    unexpected = list(getattr(res, "unexpected_keys", []) or [])
-    missing_lora = [k for k in (getattr(res, "missing_keys", []) or []) if "lora_" in k]
-    if unexpected or missing_lora:
-        raise ModelLoadError(f"LoRA adapter {adapter_dir} does not fit this transformer: "
-                             f"unexpected {unexpected[:3]}, missing {missing_lora[:3]}")
-    for m in transformer.modules():
-        if isinstance(m, BaseTunerLayer):
-            m.merge()
-    transformer.to(dtype)
-    return adapted
-
-
-def save_lora_adapter(transformer: torch.nn.Module, config: Any, out_dir: str | Path) -> None:
-    """Write a peft adapter directory (adapter_config.json + adapter_model.safetensors) from a
-    transformer with injected LoRA layers (``peft.inject_adapter_in_model``)."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
-    save_file(state, str(out_dir / "adapter_model.safetensors"))
-    config.save_pretrained(str(out_dir))
+save_lora_adapter = lora.save_adapter
 
 
 def build_tiny_lora(out_dir: str | Path, arch: str = "default", seed: int = 0,
@@ -397,13 +331,8 @@ def build_tiny_lora(out_dir: str | Path, arch: str = "default", seed: int = 0,
     """A random (non-zero) peft LoRA adapter for a tiny SD3 transformer, so a default study can put
     a LoRA'd model on its models axis.  Only the shapes of ``arch`` matter, not the base weights."""
     from diffusers import SD3Transformer2DModel
-    from peft import LoraConfig, inject_adapter_in_model
 
-    tr = SD3Transformer2DModel(**TINY_ARCHS[arch]["transformer"])
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False)
-    torch.manual_seed(seed)
-    inject_adapter_in_model(cfg, tr)
-    save_lora_adapter(tr, cfg, out_dir)
+    lora.build_random_adapter(SD3Transformer2DModel(**TINY_ARCHS[arch]["transformer"]), out_dir, targets, seed, rank, alpha)
 
 
 # ---------------------------------------------------------------------------------------- text

@@ -27,7 +27,7 @@ block attends to.  With 1-based layer numbers that output is layer L-1, so the v
 Capture uses forward hooks on the diffusers ``SD3Transformer2DModel`` (no copy of its forward);
 with the reconstruction off no hook is installed at all, so the forward costs exactly the plain
 forward.  Hook names in shards and docs follow TransformerLens style:
-``context_embedder.hook_out`` and ``transformer_blocks.N.hook_text_out``.
+``hook_text_embed`` and ``blocks.N.hook_text_out``.
 """
 
 from __future__ import annotations
@@ -65,11 +65,11 @@ def final_text_block(num_layers: int) -> int:
 
 
 def target_hook_name(target_layer: int) -> str:
-    return "context_embedder.hook_out" if target_layer == 0 else f"transformer_blocks.{target_layer - 1}.hook_text_out"
+    return "hook_text_embed" if target_layer == 0 else f"blocks.{target_layer - 1}.hook_text_out"
 
 
 def final_hook_name(num_layers: int) -> str:
-    return f"transformer_blocks.{final_text_block(num_layers)}.hook_text_out"
+    return f"blocks.{final_text_block(num_layers)}.hook_text_out"
 
 
 @dataclass(frozen=True)

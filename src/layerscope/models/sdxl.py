@@ -24,6 +24,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from layerscope.errors import ConfigError
+from layerscope.hooks import HookPoint
+
+# Canonical hooks (docs/hooks.md): the UNet has no single block stack, so a hook is named by its attn2
+# group (``down_blocks.N.attentions.M``, ``mid_block.attentions.M``, ...) and the transformer block j
+# inside it. B images (x2 with classifier-free guidance), S spatial tokens of the level, C its width.
+HOOKS: dict[str, HookPoint] = {
+    "{group}.transformer_blocks.{j}.attn2.hook_out": HookPoint("{group}.transformer_blocks.{j}.attn2", "[B, S, C]",
+                                                               "cross-attention output (moments over tokens per channel)",
+                                                               ("sdxl_ablation",)),
+}
 
 if TYPE_CHECKING:
     import torch
@@ -224,7 +234,11 @@ def load(model_cfg: Mapping[str, Any], device: "torch.device", dtype: "torch.dty
     if not hasattr(pipe, "unet"):
         raise ModelLoadError(f"{src}: pipeline {type(pipe).__name__} has no UNet (family sdxl needs a UNet pipeline)")
     if model_cfg.get("lora"):
-        pipe.load_lora_weights(str(model_cfg["lora"]))
+        from layerscope.models.lora import check_adapter_dir
+
+        check_adapter_dir(model_cfg["lora"], config_field(model_cfg, "lora"))
+        with loading("the LoRA adapter", model_cfg["lora"], config_field(model_cfg, "lora")):
+            pipe.load_lora_weights(str(model_cfg["lora"]))
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     for m in pipe.components.values():

@@ -95,8 +95,9 @@ class ShardSpec:
         recs = read_index(self.data_index())
         if ds.get("slice_index"):
             return recs
-        if self.probe_cfg.get("max_images", 0):
-            recs = recs[: int(self.probe_cfg["max_images"])]
+        max_images = int(getattr(self.settings, "max_images", 0) or 0)  # probes without the key take all
+        if max_images:
+            recs = recs[:max_images]
         i, n = parse_slice(self.axes.get("slice", "0of1"))
         return [r for r in recs if slice_of(item_key(r.path), n) == i]
 
@@ -187,9 +188,10 @@ class Probe:
         depth = model_depth(arch)
         if depth is None:
             return
+        settings = self.settings(probe_cfg)
         for key in self.layer_keys:
-            value = probe_cfg.get(key, "all")
-            groups = value if isinstance(value, list) and any(isinstance(v, list) for v in value) else [value]
+            value = getattr(settings, key)
+            groups = value if isinstance(value, (list, tuple)) and any(isinstance(v, (list, tuple)) for v in value) else [value]
             for g in groups:
                 for layer in ([] if g == "all" else g):
                     if isinstance(layer, int) and not 0 <= layer < depth:
@@ -199,16 +201,17 @@ class Probe:
     def axis_values(self, probe_cfg: Mapping[str, Any], model: str, model_cfg: Mapping[str, Any]) -> dict[str, list[str]]:
         """Labels of every shard axis for one model. Default: read the generic config keys."""
         out: dict[str, list[str]] = {}
+        settings = self.settings(probe_cfg)
         for axis in self.axes:
             key = self.axis_keys.get(axis, axis + "s")
             if axis == "slice":
-                n = int(probe_cfg.get(key, 1))
+                n = int(getattr(settings, key))
                 out[axis] = [f"{i}of{n}" for i in range(n)]
             elif axis == "layers":
-                groups = probe_cfg.get(key, ["all"])
+                groups = getattr(settings, key)
                 out[axis] = [g if isinstance(g, str) else "-".join(str(int(x)) for x in g) for g in groups]
             else:
-                out[axis] = [str(v) for v in probe_cfg.get(key, [])]
+                out[axis] = [str(v) for v in getattr(settings, key) or ()]
         return out
 
     def extra_outputs(self, probe_cfg: Mapping[str, Any], layout: Any = None) -> dict[str, str]:
@@ -230,3 +233,16 @@ class Probe:
 
     def plot(self, tables: dict[str, "pd.DataFrame"], fig_dir: Path, caption: str = "") -> None:
         raise NotImplementedError
+
+
+def with_model(shards: list, tables: dict[str, "pd.DataFrame"]) -> dict[str, "pd.DataFrame"]:
+    """Every table names its model in a first ``model`` column (tidy data: a table read alone, or
+    concatenated with other models', says whose rows these are). ``shards`` are one model's."""
+    models = {sh.model for sh in shards}
+    if len(models) != 1:
+        raise ValueError(f"one model's shards expected, got {sorted(models)}")
+    model = models.pop()
+    for df in tables.values():
+        if "model" not in df.columns:
+            df.insert(0, "model", model)
+    return tables

@@ -26,7 +26,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
-from layerscope.probes.base import MOMENTS_LAYOUT, GroupLayout, Probe, ShardSpec
+from layerscope.plots import integer_ticks, save_figure
+from layerscope.probes.base import MOMENTS_LAYOUT, GroupLayout, Probe, ShardSpec, with_model
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -45,10 +46,10 @@ def hook_name(layer: int, rep: str) -> str:
     }[rep]
 
 
-DEFAULT_STD_EPS = 1e-8  # note 004's script: std = sqrt(var + 1e-8)
+STD_EPS_NOTE = 1e-8  # note 004's script: std = sqrt(var + 1e-8) (the schema's std_eps default)
 
 
-def channel_std(var: Any, eps: float = DEFAULT_STD_EPS) -> Any:
+def channel_std(var: Any, eps: float = STD_EPS_NOTE) -> Any:
     """Per-channel std as note 004's script reports it, ``sqrt(var + eps)`` (population variance);
     ``eps = 0`` gives the plain ``sqrt(var)``.  Applied at merge time to the merged variance, so
     shards stay eps-free and the choice can change without rerunning them.  NaN (no finite value
@@ -149,7 +150,7 @@ class DinoV3Channels(Probe):
         from layerscope.models.dinov3 import final_norms, load, preprocess
         from layerscope.plan import ConfigError
 
-        cfg = spec.probe_cfg
+        cfg = spec.settings  # typed; defaults from the schema only
         records = spec.records()
 
         device = resolve_device(spec.device)
@@ -158,18 +159,18 @@ class DinoV3Channels(Probe):
         model = load(mcfg, device, dtype)
         n_layers = model.config.num_hidden_layers
         n_reg = int(getattr(model.config, "num_register_tokens", 0))
-        layers = list(range(n_layers)) if cfg.get("layers", "all") == "all" else list(cfg["layers"])
+        layers = list(range(n_layers)) if cfg.layers == "all" else list(cfg.layers)
         bad = [i for i in layers if i >= n_layers]
         if bad:
             raise ConfigError(f"config field probes.dinov3_channels.layers: {bad} out of range for a {n_layers}-layer model (0..{n_layers - 1})")
         cls_norm, patch_norm = final_norms(model)
         eps = float(getattr(model.config, "layer_norm_eps", 1e-5))
-        topk = int(cfg.get("topk", 8))
-        size = int(cfg.get("image_size", model.config.image_size))
+        topk = int(cfg.topk)
+        size = int(cfg.image_size)
         C = model.config.hidden_size
 
         acc = ChannelAccumulator(layers, C, n_reg, topk, cls_norm, patch_norm, eps)
-        bs = int(cfg.get("batch_size", 8))
+        bs = int(cfg.batch_size)
         from layerscope.progress import current as progress
 
         prog = progress(len(records), "images")
@@ -217,9 +218,8 @@ class DinoV3Channels(Probe):
         import numpy as np
         import pandas as pd
 
-        cfg = shards[0].json_attr("spec")["probe_cfg"]
-        abs_thr, ratio = float(cfg.get("massive_abs", 100.0)), float(cfg.get("massive_ratio", 1000.0))
-        std_eps = float(cfg.get("std_eps", DEFAULT_STD_EPS))
+        cfg = self.settings(shards[0].json_attr("spec")["probe_cfg"])
+        abs_thr, ratio, std_eps = float(cfg.massive_abs), float(cfg.massive_ratio), float(cfg.std_eps)
         chan_rows, layer_rows, outlier_rows = [], [], []
         for g, (mom, hist, tk, attrs) in sorted(self.merged_stats(shards).items(), key=lambda kv: (kv[1][3]["layer"], kv[0])):
             _, hook, role = g.split("/")
@@ -248,7 +248,8 @@ class DinoV3Channels(Probe):
                                      "max_abs": float(mom.max_abs[c]), "median_abs": median,
                                      "ratio": float(mom.max_abs[c] / median) if median > 0 else np.inf})
         outliers = pd.DataFrame(outlier_rows, columns=["hook", "layer", "rep", "role", "channel", "max_abs", "median_abs", "ratio"])
-        return {"channels": pd.concat(chan_rows, ignore_index=True), "layers": pd.DataFrame(layer_rows), "outliers": outliers}
+        return with_model(shards, {"channels": pd.concat(chan_rows, ignore_index=True), "layers": pd.DataFrame(layer_rows),
+                                   "outliers": outliers})
 
     # ------------------------------------------------------------------ plot
     def plot(self, tables: dict[str, "pd.DataFrame"], fig_dir: Path, caption: str = "") -> None:
@@ -275,9 +276,11 @@ class DinoV3Channels(Probe):
                         kind="line", markers=True, facet_kws={"sharey": "row"}, height=2.6, aspect=1.4)
         g.set(yscale="log")
         g.set_titles("{row_name} | {col_name}")
+        g.set_axis_labels("block (layer index)", "value (activation units)")
+        integer_ticks(g)
         g.figure.suptitle(f"Channel std (mean over channels) and max|x| per layer {caption}".strip(), y=1.02)
         mark_nonfinite_grid(g, chans, "layer", col="role")
-        g.savefig(fig_dir / "std_max_abs_per_layer.png", dpi=120, bbox_inches="tight")
+        save_figure(g, fig_dir / "std_max_abs_per_layer.png", dpi=120, bbox_inches="tight")
         plt.close(g.figure)
 
         # 2. heat map of the top outlier channels across layers (pre-norm, patch tokens)
@@ -290,9 +293,11 @@ class DinoV3Channels(Probe):
             sns.heatmap(np.log10(piv.loc[top].clip(lower=1e-6)), ax=ax, cmap="magma",
                         cbar_kws={"label": "log10 max|x|"})
             ax.set_title(f"{m}: top channels by max|x| (pre, patch)")
+            ax.set_xlabel("block (layer index)")
+            ax.set_ylabel("channel (index)")
             mark_nonfinite(ax, sub, "layer", position=list(piv.columns))
         fig.tight_layout()
-        fig.savefig(fig_dir / "outlier_channels_heatmap.png", dpi=120, bbox_inches="tight")
+        save_figure(fig, fig_dir / "outlier_channels_heatmap.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
 
         # 3. magnitude (top-1/2/3, median) versus layer
@@ -302,7 +307,9 @@ class DinoV3Channels(Probe):
                         kind="line", markers=True, height=2.6, aspect=1.3)
         g.set(yscale="log")
         g.set_titles("{row_name} | {col_name}")
+        g.set_axis_labels("block (layer index)", "|x| (activation units)")
+        integer_ticks(g)
         g.figure.suptitle(f"Top-1/2/3 and median |x| per layer (massive: >100 and >1000x median) {caption}".strip(), y=1.02)
         mark_nonfinite_grid(g, layers, "layer", row="role", col="rep")
-        g.savefig(fig_dir / "magnitude_vs_layer.png", dpi=120, bbox_inches="tight")
+        save_figure(g, fig_dir / "magnitude_vs_layer.png", dpi=120, bbox_inches="tight")
         plt.close(g.figure)

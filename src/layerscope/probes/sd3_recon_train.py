@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from layerscope.layout import Layout
-from layerscope.probes.base import GroupLayout, Probe, ShardSpec
+from layerscope.plots import integer_ticks, save_figure
+from layerscope.probes.base import GroupLayout, Probe, ShardSpec, with_model
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -68,7 +69,7 @@ def resume_dir(shard_path: str | Path) -> Path:
 
 def checkpoint_dir(probe_cfg: Mapping[str, Any], model: str, axes: Mapping[str, str]) -> Path:
     """Where the run of (model, axes) saves its checkpoint (relative to the study's working directory)."""
-    root = Path(str(probe_cfg.get("checkpoint_root") or DEFAULT_CHECKPOINT_ROOT))
+    root = Path(str(SD3ReconTrain().settings(probe_cfg).checkpoint_root or DEFAULT_CHECKPOINT_ROOT))
     return root / model / f"gamma-{axes['gamma']}__target-{axes['target']}__seed-{axes['seed']}"
 
 
@@ -87,34 +88,33 @@ class SD3ReconTrain(Probe):
     )
 
     def axis_values(self, probe_cfg: Mapping[str, Any], model: str, model_cfg: Mapping[str, Any]) -> dict[str, list[str]]:
-        return {"gamma": [gamma_label(g) for g in probe_cfg.get("gammas", [0.0])],
-                "target": [str(int(t)) for t in probe_cfg.get("targets", [0])],
-                "seed": [str(int(s)) for s in probe_cfg.get("seeds", [0])]}
+        st = self.settings(probe_cfg)
+        return {"gamma": [gamma_label(g) for g in st.gammas],
+                "target": [str(int(t)) for t in st.targets],
+                "seed": [str(int(s)) for s in st.seeds]}
 
     def extra_outputs(self, probe_cfg: Mapping[str, Any], layout: Any = None) -> dict[str, str]:
         """The trained checkpoint, which other probes load as a model (source: or lora:)."""
-        from layerscope.layout import Layout
-
-        root = str(probe_cfg.get("checkpoint_root") or (layout or Layout()).checkpoints(self.name)).rstrip("/")
+        root = str(self.settings(probe_cfg).checkpoint_root or (layout or Layout()).checkpoints(self.name)).rstrip("/")
         return {"checkpoint": root + "/{model}/{shard}/"}
 
     def check_config(self, probe_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         from layerscope.models.sd3_light_settings import LossSettings, ReconConfigError, check_timestep_settings
-        from layerscope.plan import ConfigError
+        from layerscope.errors import ConfigError
 
+        st = self.settings(probe_cfg)
         try:  # renamed keys, loss and timestep settings that contradict each other: before any job (torch-free)
             LossSettings.from_config(probe_cfg)
-            check_timestep_settings(probe_cfg.get("timestep_sampling", "logit_normal"), probe_cfg.get("weighting"),
-                                    probe_cfg.get("shift"))
+            check_timestep_settings(st.timestep_sampling, st.weighting, st.shift)
         except ReconConfigError as e:
             raise ConfigError(f"config field probes.{self.name}.{e}") from None
 
         for key in ("gammas", "targets", "seeds"):
-            vals = list(probe_cfg.get(key, []))
+            vals = list(getattr(st, key))
             if len(set(map(str, vals))) != len(vals):
                 raise ConfigError(f"config field probes.{self.name}.{key}: duplicate values {vals}")
-        if probe_cfg.get("mode", "full") == "lora":
-            for i, m in enumerate(probe_cfg.get("models", [])):
+        if st.mode == "lora":
+            for i, m in enumerate(st.models or ()):
                 if config.get("models", {}).get(m, {}).get("lora"):
                     raise ConfigError(f"config field probes.{self.name}.models[{i}]: model '{m}' already has a LoRA; "
                                       "mode: lora trains a fresh adapter on an un-adapted base")
@@ -128,7 +128,7 @@ class SD3ReconTrain(Probe):
         depth = model_depth(arch)
         if depth is None:
             return
-        for t in probe_cfg.get("targets", []):
+        for t in self.settings(probe_cfg).targets:
             if isinstance(t, int) and not 0 <= t <= depth - 2:
                 raise ConfigError(f"config field probes.{self.name}.targets: target {t} is beyond model '{model}' "
                                   f"({depth} blocks: targets 0..{depth - 2})")
@@ -138,20 +138,19 @@ class SD3ReconTrain(Probe):
         import torch
 
         from layerscope.data import index_digest, load_image, read_index
-        from layerscope.models import resolve_device, set_threads
+        from layerscope.models import resolve_device
         from layerscope.training import (base_pipeline_dir, config_from_probe, encode_dataset, fine_tune, free_frozen_components,
                                          load_pipeline, manifest_of, save_checkpoint)
 
-        set_threads(spec.threads)
         pcfg = spec.probe_cfg
-        cfg = config_from_probe(pcfg, float(spec.axes["gamma"]), int(spec.axes["target"]), int(spec.axes["seed"]))
+        cfg = config_from_probe(spec.settings, float(spec.axes["gamma"]), int(spec.axes["target"]), int(spec.axes["seed"]))
         device = resolve_device(spec.device)
         # training keeps fp32 master weights whatever the model's inference dtype
         pipe = load_pipeline(spec.model_cfg, device, torch.float32)
         from layerscope.models.sd3_light import TextReconConfig
 
         TextReconConfig.from_model_config(cfg.model_config, len(pipe.transformer.transformer_blocks))  # range check, early
-        ds = spec.datasets[pcfg["dataset"]]
+        ds = spec.datasets[spec.settings.dataset]
         records = read_index(ds["index"])
         if cfg.max_images:
             records = records[: cfg.max_images]
@@ -166,7 +165,7 @@ class SD3ReconTrain(Probe):
 
         ckpt = checkpoint_dir(pcfg, spec.model, spec.axes)
         manifest = {**manifest_of(cfg, spec.model_cfg), "model": spec.model, "axes": spec.axes,
-                    "config_hash": spec.config_hash, "dataset": pcfg["dataset"], "data_digest": digest,
+                    "config_hash": spec.config_hash, "dataset": spec.settings.dataset, "data_digest": digest,
                     "final_hook": result.final_hook, "target_hook": result.target_hook}
         save_checkpoint(pipe, peft_model, ckpt, manifest, base_dir=base_dir)
 
@@ -225,7 +224,7 @@ class SD3ReconTrain(Probe):
         if not frames:
             raise ShardError("no sd3_recon_train shards to merge")
         out = pd.concat(frames, ignore_index=True).sort_values(["gamma", "target", "seed", "step"], kind="stable")
-        return {"losses": out.reset_index(drop=True)}
+        return with_model(shards, {"losses": out.reset_index(drop=True)})
 
     def plot(self, tables: dict[str, "pd.DataFrame"], fig_dir: Path, caption: str = "") -> None:
         """loss_curves.png: denoise / recon / total against the step; hue = gamma, style = target
@@ -248,9 +247,11 @@ class SD3ReconTrain(Probe):
         g = sns.relplot(data=long, x="step", y="value", hue="gamma", style="target", col="loss", row="model",
                         kind="line", errorbar="sd", facet_kws={"sharey": False}, height=2.6, aspect=1.3)
         g.set_titles("{row_name} | {col_name}")
+        g.set_axis_labels("training step (optimizer steps)", "loss (per-token mean, see loss_convention)")
+        integer_ticks(g)
         if caption:
             g.figure.suptitle(caption, y=1.02, fontsize=9)
         fig_dir = Path(fig_dir)
         fig_dir.mkdir(parents=True, exist_ok=True)
-        g.figure.savefig(fig_dir / "loss_curves.png", dpi=110, bbox_inches="tight")
+        save_figure(g.figure, fig_dir / "loss_curves.png", dpi=110, bbox_inches="tight")
         plt.close(g.figure)

@@ -30,13 +30,13 @@ See docs/probes/sd3_textgrad.md.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from layerscope.probes.base import GroupLayout, Probe, ShardSpec
+from layerscope.plots import save_figure
+from layerscope.probes.base import GroupLayout, Probe, ShardSpec, with_model
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -44,352 +44,20 @@ if TYPE_CHECKING:
 
     from layerscope.h5io import Shard, ShardWriter
 
-STATUS = ("ok", "empty", "zero_mass", "no_grad")  # row status codes 0..3
-OK, EMPTY, ZERO_MASS, NO_GRAD = range(4)
-METRICS = ("strength", "topk_mass", "entropy", "entropy_norm")
+from layerscope.probes.textgrad_compute import (  # noqa: E402,F401  (the probe's GPU side)
+    CONVENTIONS, ENCODE_CHUNK, Sample, Settings, batch_size_for_budget, compute_samples, graph_bytes, noise_for,
+    resolve_timestep, saved_bytes, text_input_grads, text_input_grads_per_block)
+from layerscope.probes.textgrad_metrics import (  # noqa: E402,F401  (pure numpy metrics)
+    EMPTY, METRICS, NO_GRAD, OK, STATUS, ZERO_MASS, no_grad_rows, note_metrics, pool_pair, token_metrics)
+
 POOLED_COLS = ["timestep_index", "block", "hook", "pairs", "samples_per_pair", "nonfinite"] + [
     f"{m}{suffix}" for m in ("strength", "topk_mass", "entropy") for suffix in ("_n", "", "_ci_low", "_ci_high")]
 FIGURES = {"strength": "grad_strength_curve", "topk_mass": "grad_topk_mass_curve", "entropy": "grad_entropy_curve"}
 
 
 def hook_name(block: int) -> str:
-    return f"transformer_blocks.{block}.hook_text_grad"
-
-
-# ------------------------------------------------------------------------------------ metrics
-def token_metrics(scores: np.ndarray, mask: np.ndarray | None, topk: int) -> dict[str, np.ndarray]:
-    """Per-row metrics of token scores [N, L] over the positions where ``mask`` is True.
-
-    Non-finite scores are excluded and counted (``nonfinite``); ``n_tokens`` counts the finite
-    scores used.  Rows: ``status`` 0 ok; 1 empty (no finite score left: every metric NaN);
-    2 zero_mass (all scores 0: strength 0, the distribution metrics NaN).  Entropy uses the natural
-    log with 0 log 0 = 0; ``entropy_norm = entropy / log(n)`` (0 when n = 1).  Top-k mass is the
-    sum of the min(k, n) largest scores over the sum of all.
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    if s.ndim != 2:
-        raise ValueError(f"scores must be [N, L], got shape {s.shape}")
-    m = np.ones_like(s, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
-    n_rows = s.shape[0]
-    out = {k: np.full(n_rows, np.nan) for k in METRICS}
-    out["n_tokens"] = np.zeros(n_rows, np.int64)
-    out["nonfinite"] = np.zeros(n_rows, np.int64)
-    out["status"] = np.zeros(n_rows, np.int8)
-    for r in range(n_rows):
-        row = s[r][m[r]]
-        fin = np.isfinite(row)
-        out["nonfinite"][r] = int((~fin).sum())
-        v = row[fin]
-        n = v.size
-        out["n_tokens"][r] = n
-        if n == 0:
-            out["status"][r] = EMPTY
-            continue
-        out["strength"][r] = v.mean()
-        total = v.sum()
-        if total <= 0:
-            out["status"][r] = ZERO_MASS
-            continue
-        out["topk_mass"][r] = np.sort(v)[::-1][: min(topk, n)].sum() / total
-        p = v / total
-        nz = p[p > 0]
-        h = float(-(nz * np.log(nz)).sum())
-        out["entropy"][r] = h
-        out["entropy_norm"][r] = h / np.log(n) if n > 1 else 0.0
-    return out
-
-
-def no_grad_rows(n_rows: int) -> dict[str, np.ndarray]:
-    """Rows for a block whose text input has no gradient (force_txt_grad off): NaN metrics, status no_grad."""
-    out = {k: np.full(n_rows, np.nan) for k in METRICS}
-    out.update(n_tokens=np.zeros(n_rows, np.int64), nonfinite=np.zeros(n_rows, np.int64),
-               status=np.full(n_rows, NO_GRAD, np.int8))
-    return out
-
-
-# ------------------------------------------------------------------------------------ gradients
-def text_input_grads(transformer: "torch.nn.Module", blocks: Sequence[int], call_kwargs: Mapping[str, Any],
-                     force_txt_grad: bool = True, backward: bool = True) -> tuple["torch.Tensor", dict[int, "torch.Tensor | None"]]:
-    """Output of one transformer forward and dy/d(text input of every block in ``blocks``), y = sum(out^2).
-
-    One forward, one backward: a forward pre-hook (``with_kwargs=True``: SD3 calls its blocks with
-    keyword arguments only) keeps each selected block's ``encoder_hidden_states``; a single
-    ``torch.autograd.grad`` call then differentiates with respect to all of them.  With frozen
-    parameters no text state requires grad, so with ``force_txt_grad`` the first hooked input that
-    does not is made a leaf that does (every later block then depends on it; detaching a later
-    input would cut the path to the earlier ones).  Without forcing, blocks whose input does not
-    require grad get None.  ``backward=False`` builds the graph and stops (for measuring it).
-    """
-    import torch
-
-    captured: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def make_hook(i: int) -> Callable:
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            h = kwargs["encoder_hidden_states"]
-            if force_txt_grad and not h.requires_grad:
-                h = h.detach().requires_grad_(True)
-                captured[i] = h
-                return args, {**kwargs, "encoder_hidden_states": h}
-            captured[i] = h
-            return None
-
-        return hook
-
-    for i in blocks:
-        handles.append(transformer.transformer_blocks[i].register_forward_pre_hook(make_hook(i), with_kwargs=True))
-    try:
-        with torch.enable_grad():
-            out = transformer(**call_kwargs, return_dict=False)[0]
-            y = out.float().pow(2).sum()
-            want = [i for i in blocks if captured[i].requires_grad]
-            grads: dict[int, torch.Tensor | None] = {i: None for i in blocks}
-            if want and y.requires_grad and backward:
-                got = torch.autograd.grad(y, [captured[i] for i in want], allow_unused=True)
-                grads.update(dict(zip(want, got)))
-    finally:
-        for h in handles:
-            h.remove()
-    return out.detach(), grads
-
-
-def text_input_grads_per_block(transformer: "torch.nn.Module", blocks: Sequence[int],
-                               call_kwargs: Mapping[str, Any]) -> dict[int, "torch.Tensor"]:
-    """A baseline for the one-pass method: one forward and one backward per block, each
-    differentiating with respect to that block's text input alone (made a leaf there, so the
-    backward stops at block i: the cheapest per-block loop; used by the benchmark)."""
-    out = {}
-    for i in blocks:
-        out[i] = text_input_grads(transformer, [i], call_kwargs, force_txt_grad=True)[1][i]
-    return out
-
-
-def noise_for(seed: int, image_id: int, shape: Sequence[int]) -> "torch.Tensor":
-    """Gaussian noise for one (seed, image), float32 on the CPU: the same whatever the slicing,
-    batching or device."""
-    import torch
-
-    state = np.random.SeedSequence([int(seed), int(image_id)]).generate_state(2, dtype=np.uint32)
-    g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-    return torch.randn(tuple(shape), generator=g, dtype=torch.float32)
-
-
-# ------------------------------------------------------------------------------------ timesteps
-CONVENTIONS = ("note", "schedule_index")
-
-
-def resolve_timestep(value: int, convention: str, scheduler: Any, field: str = "probes.sd3_textgrad.timesteps") -> tuple[float, float]:
-    """(sigma, model timestep) of a configured timestep ``value``.
-
-    ``note`` (default; design note 000's script): ``value`` is an integer timestep of the
-    ``num_train_timesteps``-step training grid, ``sigma = value / num_train_timesteps`` with no
-    shift, and the model is fed ``value`` itself; 0 is clean, 1000 pure noise.
-    ``schedule_index``: ``value`` indexes the (shifted) training table of a fresh
-    ``FlowMatchEulerDiscreteScheduler``: ``sigma = sigmas[value]``, ``t = timesteps[value]``; 0 is the
-    noisiest.  For SD3 (shift 3) schedule index 250 is the note's 900 and 750 the note's 500.
-    """
-    from layerscope.errors import ConfigError
-
-    v = int(value)
-    total = int(scheduler.config.num_train_timesteps)
-    if convention == "note":
-        if not 0 <= v <= total:
-            raise ConfigError(f"config field {field}: timestep {v} outside 0..{total} "
-                              f"(timestep_convention note: sigma = t / {total}, 0 is clean)")
-        return v / total, float(v)
-    if convention == "schedule_index":
-        if not 0 <= v < len(scheduler.sigmas):
-            raise ConfigError(f"config field {field}: index {v} outside 0..{len(scheduler.sigmas) - 1} "
-                              f"(timestep_convention schedule_index: indices into the {total}-step shifted training "
-                              f"schedule; 0 is the noisiest)")
-        return float(scheduler.sigmas[v]), float(scheduler.timesteps[v])
-    raise ConfigError(f"config field probes.sd3_textgrad.timestep_convention: {convention!r}, expected one of {CONVENTIONS}")
-
-
-# ------------------------------------------------------------------------------------ batching
-@dataclass(frozen=True)
-class Sample:
-    """One (pair, timestep, seed): the unit the note's script runs one forward + backward for."""
-
-    record: Any  # layerscope.data.Record: image_id, path, caption
-    timestep: int  # as configured
-    sigma: float
-    t_model: float
-    seed: int
-
-
-ENCODE_CHUNK = 8  # pairs per text/VAE encoding call (no_grad; a 1024 px VAE encode of 8 images fits a GPU)
-
-
-@dataclass
-class Settings:
-    blocks: list[int]
-    msl: int
-    size: int
-    force: bool
-    batch_size: int | str  # an int, or "auto" (from memory_budget_mb)
-    memory_budget_mb: float
-    seq_len: int
-
-
-_GRAPH_BYTES: dict[tuple, tuple[int, int]] = {}
-
-
-def saved_bytes(transformer: "torch.nn.Module", blocks: Sequence[int], call_kwargs: Mapping[str, Any]) -> int:
-    """Bytes of the distinct storages autograd saves for the backward of one ``text_input_grads`` call.
-
-    Measured with ``torch.autograd.graph.saved_tensors_hooks`` during the forward alone (works on
-    every device, unlike the CUDA allocator statistics); storages are counted once each, so frozen
-    weights saved by several ops count once.  Used at batch 1 and 2 to split the cost into a fixed
-    and a per-sample part.
-    """
-    import torch
-
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        text_input_grads(transformer, blocks, call_kwargs, backward=False)
-    return int(sum(seen.values()))
-
-
-def graph_bytes(transformer: "torch.nn.Module", blocks: Sequence[int], make_kwargs: Callable[[int], Mapping[str, Any]],
-                key: Any = None) -> tuple[int, int]:
-    """(per-sample, fixed) bytes of the autograd graph from batches of 1 and 2 samples
-    (``make_kwargs(n)``); cached under ``key`` (transformer, blocks, input shapes): one measurement per process."""
-    key = (id(transformer), tuple(blocks), key)
-    if key not in _GRAPH_BYTES:
-        b1, b2 = saved_bytes(transformer, blocks, make_kwargs(1)), saved_bytes(transformer, blocks, make_kwargs(2))
-        _GRAPH_BYTES[key] = (b2 - b1, 2 * b1 - b2)
-    return _GRAPH_BYTES[key]
-
-
-def batch_size_for_budget(per_sample: int, fixed: int, budget_bytes: float, n: int, headroom: float = 2.0) -> int:
-    """Largest batch whose autograd graph fits the budget: ``fixed + b * headroom * per_sample <= budget``,
-    clamped to 1..n.  ``headroom`` 2 covers the backward's gradient buffers (about one more copy of
-    the saved activations at their widest)."""
-    if per_sample <= 0:
-        return max(1, n)
-    b = int((budget_bytes - fixed) // (headroom * per_sample))
-    return max(1, min(n, b))
-
-
-def compute_samples(pipe: Any, samples: Sequence[Sample], st: Settings, log: Any = None) -> dict[str, Any]:
-    """Token scores of every sample in batches: ONE forward and ONE backward per batch for all blocks.
-
-    A batch may mix pairs, timesteps and seeds (each sample has its own latent noise, sigma and
-    model timestep); the objective ``y = sum_samples sum(out^2)`` is a sum of per-sample terms and
-    samples do not interact in the transformer, so ``dy/dh`` of a sample's rows is that sample's own
-    gradient (tested equal to batch 1).  Text and image of a pair are encoded once for all its
-    (timestep, seed) samples.  Returns ``scores`` {block: [N, L] float64 or None (no gradient)},
-    ``mask`` [N, L] bool, ``objective`` [N] and the batch size used.
-    """
-    import torch
-
-    from layerscope.data import load_image
-    from layerscope.models.sd3 import text_token_mask
-
-    tr = pipe.transformer
-    device, tdt = tr.device, tr.dtype  # (module .dtype walks the parameters: read once)
-    vae_dtype = pipe.vae.dtype
-    vae_shift = float(getattr(pipe.vae.config, "shift_factor", 0.0) or 0.0)
-    vae_scale = float(pipe.vae.config.scaling_factor)
-    cache: dict[int, tuple] = {}
-    pairs = list(dict.fromkeys(s.record for s in samples))  # pairs in first-seen order
-    for start in range(0, len(pairs), ENCODE_CHUNK):  # text and image of a pair: encoded once, pairs batched
-        chunk = pairs[start:start + ENCODE_CHUNK]
-        caps = [r.caption for r in chunk]
-        with torch.no_grad():
-            pe, _, pooled, _ = pipe.encode_prompt(prompt=caps, prompt_2=None, prompt_3=None, device=device,
-                                                  do_classifier_free_guidance=False, max_sequence_length=st.msl)
-            pix = pipe.image_processor.preprocess([load_image(r.path, st.size) for r in chunk], height=st.size, width=st.size)
-            lat = pipe.vae.encode(pix.to(device=device, dtype=vae_dtype)).latent_dist.mode()
-            z0 = (lat.float() - vae_shift) * vae_scale
-        if pe.shape[1] != st.seq_len:
-            from layerscope.errors import ConfigError
-
-            raise ConfigError(f"text sequence of {pe.shape[1]} tokens, expected {st.seq_len} "
-                              f"(77 CLIP + probes.sd3_textgrad.max_sequence_length)")
-        mask = text_token_mask(pipe, caps, st.msl)
-        for j, rec in enumerate(chunk):
-            cache[rec.image_id] = (pe[j], pooled[j], z0[j], mask[j])
-
-    def kwargs_of(batch: Sequence[Sample]) -> dict[str, Any]:
-        z0 = torch.stack([cache[s.record.image_id][2] for s in batch])
-        eps = torch.stack([noise_for(s.seed, s.record.image_id, z0.shape[1:]) for s in batch]).to(device)
-        sig = torch.tensor([s.sigma for s in batch], dtype=torch.float32, device=device).view(-1, 1, 1, 1)
-        xt = ((1.0 - sig) * z0 + sig * eps).to(tdt)
-        return dict(hidden_states=xt, timestep=torch.tensor([s.t_model for s in batch], device=device),
-                    encoder_hidden_states=torch.stack([cache[s.record.image_id][0] for s in batch]).to(tdt),
-                    pooled_projections=torch.stack([cache[s.record.image_id][1] for s in batch]).to(tdt))
-
-    n = len(samples)
-    bs = st.batch_size
-    if bs == "auto":
-        if n >= 2:
-            z_shape = tuple(cache[samples[0].record.image_id][2].shape)
-            per, fixed = graph_bytes(tr, st.blocks, lambda k: kwargs_of(samples[:k]), key=(tdt, z_shape, st.seq_len))
-            bs = batch_size_for_budget(per, fixed, st.memory_budget_mb * 2**20, n)
-            if log is not None:
-                log.info("batch size %d from memory_budget_mb %s (autograd graph: %.1f MB per sample + %.1f MB fixed)",
-                         bs, st.memory_budget_mb, per / 2**20, fixed / 2**20)
-        else:
-            bs = 1
-    bs = int(bs)
-    scores: dict[int, list[np.ndarray] | None] = {b: [] for b in st.blocks}
-    objective = []
-    from layerscope.progress import current as progress
-
-    prog = progress(n, "samples")
-    for start in range(0, n, bs):
-        batch = samples[start:start + bs]
-        out, grads = text_input_grads(tr, st.blocks, kwargs_of(batch), force_txt_grad=st.force)
-        objective.append(out.float().pow(2).flatten(1).sum(1).cpu().numpy().astype(np.float64))
-        for b in st.blocks:
-            g = grads[b]
-            if g is None:
-                scores[b] = None
-            elif scores[b] is not None:
-                scores[b].append(g.float().norm(dim=-1).cpu().numpy().astype(np.float64))
-        prog.update(len(batch))
-    mask = np.stack([cache[s.record.image_id][3].numpy() for s in samples]) if n else np.zeros((0, st.seq_len), bool)
-    return {"scores": {b: (np.concatenate(v) if v else np.zeros((0, st.seq_len))) if v is not None else None
-                       for b, v in scores.items()},
-            "mask": mask, "objective": np.concatenate(objective) if objective else np.zeros(0), "batch_size": bs}
-
-
-# ------------------------------------------------------------------------------------ pooled curves
-def note_metrics(scores: np.ndarray, topk: int) -> tuple[float, float, float]:
-    """The note script's ``compute_metrics`` on one pooled score vector: mean strength, top-k mass
-    with ``k = max(1, min(topk, n))`` and entropy ``-sum p log(p + 1e-12)``, ``p = s / sum s``.
-    The caller passes finite scores only (non-finite ones are counted, not zeroed as the script does);
-    an empty vector or a non-positive sum gives NaN (the script: 0)."""
-    s = np.asarray(scores, dtype=np.float64)
-    total = s.sum()
-    if s.size == 0 or not np.isfinite(total) or total <= 0:
-        return (float(s.mean()) if s.size else np.nan), np.nan, np.nan
-    k = max(1, min(topk, s.size))
-    p = s / total
-    return float(s.mean()), float(np.sort(s)[::-1][:k].sum() / total), float(-(p * np.log(p + 1e-12)).sum())
-
-
-def pool_pair(rows: np.ndarray, mask: np.ndarray | None, topk: int) -> dict[str, Any]:
-    """Pool one pair's token scores over its (timestep, seed) rows [R, L] BEFORE the metrics, as the
-    note's script does: the per-token mean over the rows, restricted to ``mask``, then
-    :func:`note_metrics`.  A token with a non-finite score in any row is excluded and counted."""
-    r = np.asarray(rows, dtype=np.float64)
-    avg = r.mean(axis=0)
-    keep = np.ones(avg.shape, bool) if mask is None else np.asarray(mask, bool)
-    v = avg[keep]
-    fin = np.isfinite(v)
-    strength, topk_mass, entropy = note_metrics(v[fin], topk)
-    return {"strength": strength, "topk_mass": topk_mass, "entropy": entropy, "n_tokens": int(fin.sum()),
-            "nonfinite": int((~fin).sum()), "samples": int(r.shape[0])}
+    """The canonical name (layerscope.hooks, ``sd3`` table: ``blocks.{i}.hook_text_grad``) of block ``block``."""
+    return "blocks.{i}.hook_text_grad".format(i=block)
 
 
 class SD3TextGrad(Probe):
@@ -398,11 +66,11 @@ class SD3TextGrad(Probe):
     families: ClassVar[tuple[str, ...]] = ("sd3",)
     # samples do not interact (per-sample noise, per-sample gradients): the batch is a speed knob
     exec_keys: ClassVar[tuple[str, ...]] = ("batch_size", "memory_budget_mb")
-    tables: ClassVar[tuple[str, ...]] = ("samples", "blocks", "pooled", "tokens")
+    tables: ClassVar[tuple[str, ...]] = ("samples", "blocks", "blocks_all_timesteps", "pooled", "tokens")
     figures: ClassVar[tuple[str, ...]] = tuple(FIGURES.values())
     layer_keys: ClassVar[tuple[str, ...]] = ("layers",)
     layout: ClassVar[tuple[GroupLayout, ...]] = (
-        GroupLayout(r"stats/transformer_blocks\.\d+\.hook_text_grad",
+        GroupLayout(r"stats/blocks\.\d+\.hook_text_grad",
                     {**{m: "metric" for m in METRICS}, "image_id": "index", "n_tokens": "count",
                      "nonfinite": "count", "status": "int", "token_scores": "metric?"}, attrs=("block",)),
         GroupLayout(r"inputs", {"image_id": "index", "token_mask": "uint8", "objective": "metric"}),
@@ -414,15 +82,16 @@ class SD3TextGrad(Probe):
     def check_config(self, probe_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         from layerscope.errors import ConfigError
 
+        ps = self.settings(probe_cfg)  # typed; defaults from the schema only
         for key in ("timesteps", "seeds"):
-            vals = list(probe_cfg.get(key, []))
+            vals = list(getattr(ps, key))
             if len(set(vals)) != len(vals):
                 raise ConfigError(f"config field probes.{self.name}.{key}: duplicate values {vals}")
-        if probe_cfg.get("pooled_curves", True) and not probe_cfg.get("save_token_scores", True):
+        if ps.pooled_curves and not ps.save_token_scores:
             raise ConfigError(f"config field probes.{self.name}.save_token_scores: false, but pooled_curves (the note's "
                               f"curves, pooled per pair over timesteps x seeds) need every token's score; "
                               f"set save_token_scores: true or pooled_curves: false")
-        conv = probe_cfg.get("timestep_convention", "note")
+        conv = ps.timestep_convention
         if conv not in CONVENTIONS:
             raise ConfigError(f"config field probes.{self.name}.timestep_convention: {conv!r}, expected one of {CONVENTIONS}")
 
@@ -433,6 +102,8 @@ class SD3TextGrad(Probe):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         from layerscope.errors import ConfigError
+
+        ps = self.settings(probe_cfg)  # typed; defaults from the schema only
         from layerscope.models import resolve_device, resolve_dtype
         from layerscope.models.sd3 import load
 
@@ -442,26 +113,26 @@ class SD3TextGrad(Probe):
         pipe = load(model_cfg, device, dtype)
         tr = pipe.transformer
         n_layers = len(tr.transformer_blocks)
-        blocks = list(range(n_layers)) if probe_cfg.get("layers", "all") == "all" else [int(b) for b in probe_cfg["layers"]]
+        blocks = list(range(n_layers)) if ps.layers == "all" else [int(b) for b in ps.layers]
         bad = [b for b in blocks if not 0 <= b < n_layers]
         if bad:
             raise ConfigError(f"config field {field}.layers: {bad} out of range for a {n_layers}-block transformer (0..{n_layers - 1})")
         sch = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)  # training look-ups only
         vsf = int(pipe.vae_scale_factor)
-        size = int(probe_cfg.get("image_size", 0)) or int(tr.config.sample_size) * vsf
+        size = int(ps.image_size) or int(tr.config.sample_size) * vsf
         if size % (vsf * int(tr.config.patch_size)):
             raise ConfigError(f"config field {field}.image_size: {size} is not a multiple of {vsf * tr.config.patch_size} "
                               f"(VAE scale {vsf} x patch size {tr.config.patch_size})")
-        msl = int(probe_cfg.get("max_sequence_length", 256))
-        st = Settings(blocks=blocks, msl=msl, size=size, force=bool(probe_cfg.get("force_txt_grad", True)),
-                      batch_size=probe_cfg.get("batch_size", "auto"),
-                      memory_budget_mb=float(probe_cfg.get("memory_budget_mb", 4096)),
+        msl = int(ps.max_sequence_length)
+        st = Settings(blocks=blocks, msl=msl, size=size, force=bool(ps.force_txt_grad),
+                      batch_size=ps.batch_size,
+                      memory_budget_mb=float(ps.memory_budget_mb),
                       seq_len=pipe.tokenizer_max_length + msl)
         return pipe, sch, st
 
     def run_shard(self, spec: ShardSpec, writer: "ShardWriter") -> None:
         pipe, sch, st = self.setup(spec.model_cfg, spec.probe_cfg, spec.device, spec.model)
-        conv = spec.probe_cfg.get("timestep_convention", "note")
+        conv = spec.settings.timestep_convention
         t_val = int(spec.axes["timestep"])
         sigma, t_model = resolve_timestep(t_val, conv, sch)
         seed = int(spec.axes["seed"])
@@ -477,9 +148,10 @@ class SD3TextGrad(Probe):
         import torch
 
         log = logging.getLogger("layerscope.sd3_textgrad")
-        topk = int(probe_cfg.get("topk", 10))
-        ignore_padding = bool(probe_cfg.get("ignore_padding", False))  # the note: an opt-in flag
-        keep_tokens = bool(probe_cfg.get("save_token_scores", True))
+        ps = self.settings(probe_cfg)  # typed; defaults from the schema only
+        topk = int(ps.topk)
+        ignore_padding = bool(ps.ignore_padding)  # the note: an opt-in flag
+        keep_tokens = bool(ps.save_token_scores)
         dtype = pipe.transformer.dtype
         sub = [samples[i] for i in idx]
         s0 = sub[0] if sub else None
@@ -515,7 +187,7 @@ class SD3TextGrad(Probe):
                                 "objective": y.astype(np.float64)}, compress=True)
         for k, v in {
             "blocks": st.blocks, "num_layers": len(pipe.transformer.transformer_blocks),
-            "timestep_convention": probe_cfg.get("timestep_convention", "note"),
+            "timestep_convention": ps.timestep_convention,
             "timestep_index": int(s0.timestep) if s0 else -1, "timestep": float(s0.t_model) if s0 else np.nan,
             "sigma": float(s0.sigma) if s0 else np.nan, "seed": int(s0.seed) if s0 else -1,
             "n_images": n, "image_ids": ids, "seq_len": L, "clip_len": pipe.tokenizer_max_length,
@@ -533,9 +205,9 @@ class SD3TextGrad(Probe):
 
         from layerscope.h5io import ShardError
 
-        probe_cfg = shards[0].json_attr("spec")["probe_cfg"]
-        per_timestep = bool(probe_cfg.get("lines_per_timestep", True))
-        pooled_on = bool(probe_cfg.get("pooled_curves", True))
+        ps = self.settings(shards[0].json_attr("spec")["probe_cfg"])  # typed; defaults from the schema only
+        per_timestep = bool(ps.lines_per_timestep)
+        pooled_on = bool(ps.pooled_curves)
         blocks0 = shards[0].json_attr("blocks")
         frames, tok_rows = [], []
         pool: dict[tuple[int, int], list[tuple[int, np.ndarray, np.ndarray | None]]] = {}  # (block, image) -> rows
@@ -594,8 +266,8 @@ class SD3TextGrad(Probe):
             raise ShardError(f"sample {r.image_id} appears twice for timestep {r.timestep_index}, seed {r.seed}: overlapping shards")
         samples.insert(0, "line", [f"step {t} (sigma {sg:.2f})" if per_timestep else "all timesteps"
                                    for t, sg in zip(samples["timestep_index"], samples["sigma"])])
-        blocks = pd.concat([self._block_table(samples, by_timestep=True), self._block_table(samples, by_timestep=False)],
-                           ignore_index=True)
+        blocks = self._block_table(samples, by_timestep=True)
+        blocks_all = self._block_table(samples, by_timestep=False)  # pooled over timesteps: its own table
         tok_cols = ["timestep_index", "block", "hook", "position", "segment", "segment_position", "count", "nonfinite",
                     "mean_score", "content_fraction"]
         if tok_rows:
@@ -618,7 +290,9 @@ class SD3TextGrad(Probe):
             df.insert(pos, "sigma", [lookup.get(k, (np.nan, np.nan))[1] for k in keys])
             df.insert(pos, "timestep", [lookup.get(k, (np.nan, np.nan))[0] for k in keys])
             df.insert(0, "timestep_convention", conv)
-        return {"samples": samples, "blocks": blocks, "pooled": pooled, "tokens": tokens}
+        blocks_all.insert(0, "timestep_convention", conv)
+        return with_model(shards, {"samples": samples, "blocks": blocks, "blocks_all_timesteps": blocks_all,
+                                   "pooled": pooled, "tokens": tokens})
 
     @staticmethod
     def _pooled_table(pool: Mapping[tuple[int, int], list], topk: int) -> "pd.DataFrame":
@@ -665,7 +339,8 @@ class SD3TextGrad(Probe):
         for key, g in samples.groupby(keys, sort=True):
             key = key if isinstance(key, tuple) else (key,)
             row: dict[str, Any] = dict(zip(keys, key))
-            row["timestep_index"] = str(row["timestep_index"]) if by_timestep else "all"
+            if by_timestep:
+                row["timestep_index"] = str(row["timestep_index"])
             row["rows"] = len(g)
             for s in STATUS:
                 row[f"n_{s}"] = int((g["status"] == s).sum())
@@ -691,7 +366,8 @@ class SD3TextGrad(Probe):
         fig_dir = Path(fig_dir)
         s = tables["samples"]
         several = s["line"].nunique() > 1
-        labels = {"strength": "mean token gradient norm", "topk_mass": "top-k mass", "entropy": "entropy (nats)"}
+        labels = {"strength": "mean token gradient norm (||dy/dh||_2)", "topk_mass": "top-k mass (fraction, 0-1)",
+                  "entropy": "entropy (nats)"}
         for metric, fname in FIGURES.items():
             d = s[np.isfinite(s[metric].astype(float))]
             fig, ax = plt.subplots(figsize=(8, 3.8))
@@ -699,7 +375,7 @@ class SD3TextGrad(Probe):
                          dashes=True, errorbar=("ci", 95), n_boot=500, seed=0, ax=ax)
             if metric == "strength":
                 ax.set_yscale("log")
-            ax.set_xlabel("MMDiT block (transformer_blocks.i)")
+            ax.set_xlabel("MMDiT block index i (hook blocks.i.hook_text_grad)")
             ax.set_ylabel(labels[metric])
             n_seeds = d["seed"].nunique()
             n_img = d["image_id"].nunique()
@@ -712,78 +388,5 @@ class SD3TextGrad(Probe):
             if ax.get_legend() is not None:
                 sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
             fig.tight_layout()
-            fig.savefig(fig_dir / f"{fname}.png", dpi=120)
+            save_figure(fig, fig_dir / f"{fname}.png", dpi=120)
             plt.close(fig)
-
-
-# ------------------------------------------------------------------------------------ single pair
-def run_pair(model: str, prompt: str, image: str | Path, out_dir: str | Path, *, timesteps: Sequence[int] = (500,),
-             seeds: Sequence[int] = (0,), checkpoint: str | None = None, lora: str | None = None, dtype: str = "fp32",
-             device: str = "auto", probe_cfg: Mapping[str, Any] | None = None) -> dict[str, list[Path]]:
-    """The note script's single-pair mode (``--prompt`` / ``--image`` / ``--load-ckpt``) on the probe's code.
-
-    Every (timestep, seed) of the pair runs in batches (one forward and one backward per batch);
-    the results are written as the study writes them, one shard per (timestep, seed) under
-    ``out_dir/shards/<model>/``, merged into ``out_dir/tables/<model>/*.csv`` (samples, blocks,
-    pooled, tokens) and drawn into ``out_dir/figures/``.  ``model`` is a local pipeline folder or
-    ``hub:<id>``; ``checkpoint`` a transformer state dict or LoRA file, ``lora`` a peft adapter folder.
-    """
-    import hashlib
-    import json
-
-    from layerscope.data import Record
-    from layerscope.errors import ConfigError, DataError, ModelLoadError
-    from layerscope.h5io import ShardWriter
-    from layerscope.merge import merge_to_tables, plot_from_tables
-    from layerscope.plan import shard_label
-
-    out_dir = Path(out_dir)
-    if not prompt.strip():
-        raise ConfigError("--prompt: empty prompt")
-    if not Path(image).is_file():
-        raise DataError(f"--image: image file not found: {image}")
-    if len(set(timesteps)) != len(timesteps) or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--timesteps / --seeds: duplicate values ({list(timesteps)}, {list(seeds)})")
-    name = "model"
-    if model.startswith("hub:"):
-        mcfg: dict[str, Any] = {"kind": "hub", "hub_id": model[4:]}
-    else:
-        if not Path(model).exists():
-            raise ModelLoadError(f"--model: model files not found: {model}")
-        mcfg = {"kind": "path", "path": str(model)}
-        name = Path(model).name or name
-    for key, value, flag in (("checkpoint", checkpoint, "--load-ckpt"), ("lora", lora, "--lora")):
-        if value:
-            if not Path(value).exists():
-                raise ModelLoadError(f"{flag}: file not found: {value}")
-            mcfg[key] = str(value)
-    mcfg.update(family="sd3", dtype=dtype, name=name)
-    pcfg = {"models": [name], "dataset": "pair", "timesteps": list(timesteps), "seeds": list(seeds), "slices": 1,
-            "timestep_convention": "note", **dict(probe_cfg or {})}
-    probe = SD3TextGrad()
-    probe.check_config(pcfg, {})
-    pipe, sch, st = probe.setup(mcfg, pcfg, device, name)
-    rec = Record(0, str(Path(image).resolve()), prompt)
-    conv = pcfg["timestep_convention"]
-    samples = [Sample(rec, int(t), *resolve_timestep(int(t), conv, sch), int(s)) for t in timesteps for s in seeds]
-    res = compute_samples(pipe, samples, st, log=logging.getLogger("layerscope.sd3_textgrad"))
-    digest = hashlib.sha256(json.dumps([mcfg, pcfg, prompt, rec.path], sort_keys=True).encode()).hexdigest()[:16]
-    shard_dir = out_dir / "shards" / name
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for t in timesteps:
-        for s in seeds:
-            axes = {"timestep": str(t), "seed": str(s), "slice": "0of1"}
-            spec = ShardSpec(probe=probe.name, model=name, axes=axes, probe_cfg=pcfg, model_cfg=mcfg, config_hash=digest,
-                             device=device)
-            prov = {"probe": probe.name, "model": name, "axes": axes, "config_hash": digest,
-                    "data_digest": json.dumps({"prompt": prompt, "image": rec.path}), "spec": spec.to_json_dict()}
-            idx = np.array([i for i, smp in enumerate(samples) if smp.timestep == int(t) and smp.seed == int(s)])
-            path = shard_dir / f"{shard_label(axes)}.h5"
-            with ShardWriter(path, prov) as w:
-                probe.write_results(w, pipe, sch, st, pcfg, mcfg, name, samples, res, idx)
-            paths.append(path)
-    tables = merge_to_tables(probe.name, name, paths, out_dir / "tables" / name, expect_hash=digest)
-    figures = plot_from_tables(probe.name, [out_dir / "tables" / name], out_dir / "figures",
-                               caption=f"(one pair: {prompt[:40]!r})")
-    return {"shards": paths, "tables": tables, "figures": figures}

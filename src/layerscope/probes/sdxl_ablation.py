@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import json
 import re
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
-from layerscope.probes.base import MOMENTS_LAYOUT, GroupLayout, Probe, ShardSpec
+from layerscope.models.sdxl_ablate import (  # noqa: F401  (the UNet hooks; re-exported)
+    ablate_cross_attention, ablate_cross_attention_batched, generate_batched)
+from layerscope.plots import image_grid, save_figure
+from layerscope.probes.base import MOMENTS_LAYOUT, GroupLayout, Probe, ShardSpec, with_model
 
 if TYPE_CHECKING:
     import numpy as np
@@ -64,185 +66,6 @@ def _config_error(msg: str) -> Exception:
     return ConfigError(msg)
 
 
-@contextmanager
-def ablate_cross_attention(
-    unet: "torch.nn.Module",
-    zero_modules: Sequence[str],
-    *,
-    zero_pooled_text: bool = False,
-    record: dict[str, Any] | None = None,
-) -> Iterator[None]:
-    """Zero the output of the named ``attn2`` modules for the duration of the block.
-
-    Forward hooks (as in the note) return ``zeros_like(output)``: the residual stream then
-    receives nothing from that cross-attention, bias of ``to_out`` included.  With
-    ``zero_pooled_text`` a UNet pre-hook also replaces SDXL's pooled text embedding
-    (``added_cond_kwargs['text_embeds']``) by zeros, which is SDXL's own null condition
-    (``force_zeros_for_empty_prompt``).  With ``record`` (a dict), every ``attn2`` module's
-    output *as passed on* is reduced into ``record[name]`` (a :class:`~layerscope.stats.Moments`
-    over [tokens, channels]).  All hooks are removed on exit, also on error.
-    """
-    from diffusers.models.attention_processor import Attention
-
-    from layerscope.stats import Moments
-
-    modules = dict(unet.named_modules())
-    missing = [n for n in zero_modules if n not in modules]
-    if missing:
-        raise KeyError(f"UNet has no module {missing[0]}")
-    handles = []
-
-    def zero_hook(module, args, output):  # noqa: ARG001
-        if isinstance(output, tuple):
-            return tuple(o.new_zeros(o.shape) if hasattr(o, "new_zeros") else o for o in output)
-        return output.new_zeros(output.shape)
-
-    def make_recorder(name: str):
-        def rec(module, args, output):  # noqa: ARG001
-            out = output[0] if isinstance(output, tuple) else output
-            flat = out.detach().reshape(-1, out.shape[-1])
-            m = Moments.from_tensor(flat)
-            record[name] = record[name].merge(m) if name in record else m
-
-        return rec
-
-    def pooled_pre_hook(module, args, kwargs):  # noqa: ARG001
-        acd = kwargs.get("added_cond_kwargs")
-        if acd and acd.get("text_embeds") is not None:
-            kwargs = dict(kwargs)
-            kwargs["added_cond_kwargs"] = {**acd, "text_embeds": acd["text_embeds"].new_zeros(acd["text_embeds"].shape)}
-            return args, kwargs
-        return None
-
-    try:
-        for n in zero_modules:
-            handles.append(modules[n].register_forward_hook(zero_hook))
-        if zero_pooled_text:
-            handles.append(unet.register_forward_pre_hook(pooled_pre_hook, with_kwargs=True))
-        if record is not None:  # registered after the zeroing hooks: sees what is passed on
-            for n, m in modules.items():
-                if n.split(".")[-1] == "attn2" and isinstance(m, Attention):
-                    handles.append(m.register_forward_hook(make_recorder(n)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-
-@contextmanager
-def ablate_cross_attention_batched(
-    unet: "torch.nn.Module",
-    keep: Mapping[str, Sequence[bool]],
-    *,
-    zero_pooled_text: Sequence[bool] | None = None,
-    records: list[dict[str, Any]] | None = None,
-) -> Iterator[None]:
-    """Per-sample version of :func:`ablate_cross_attention` for a batch of ``n`` images.
-
-    ``keep[name][i]`` says whether sample *i* keeps the output of ``attn2`` module ``name``;
-    a dropped output is replaced by exact zeros (``torch.where``, so a non-finite output cannot
-    leak through as NaN * 0).  The UNet sees ``k * n`` rows (``k = 2`` under classifier-free
-    guidance: the pipeline concatenates ``[uncond..., cond...]``), so row *r* belongs to sample
-    ``r % n``.  ``zero_pooled_text[i]`` zeroes sample *i*'s pooled text embedding.  With
-    ``records`` (one dict per sample), each ``attn2`` output as passed on is reduced per sample
-    over that sample's rows in the order a batch-1 run sees them.  Hooks are removed on exit.
-    """
-    import torch
-    from diffusers.models.attention_processor import Attention
-
-    from layerscope.stats import Moments
-
-    modules = dict(unet.named_modules())
-    missing = [n for n in keep if n not in modules]
-    if missing:
-        raise KeyError(f"UNet has no module {missing[0]}")
-    sizes = {len(v) for v in keep.values()} | ({len(zero_pooled_text)} if zero_pooled_text is not None else set())
-    sizes |= {len(records)} if records is not None else set()
-    if len(sizes) != 1:
-        raise ValueError(f"per-sample masks of different lengths: {sorted(sizes)}")
-    n = sizes.pop()
-    handles = []
-
-    def rows_mask(mask: Sequence[bool], rows: int, like: "torch.Tensor") -> "torch.Tensor":
-        if rows % n:
-            raise RuntimeError(f"attn2 batch of {rows} rows is not a multiple of the {n} ablation samples")
-        m = torch.tensor(list(mask), dtype=torch.bool, device=like.device).repeat(rows // n)
-        return m.view(rows, *([1] * (like.dim() - 1)))
-
-    def make_zero_hook(mask: Sequence[bool]):
-        def hook(module, args, output):  # noqa: ARG001
-            out = output[0] if isinstance(output, tuple) else output
-            masked = torch.where(rows_mask(mask, out.shape[0], out), out, torch.zeros((), dtype=out.dtype, device=out.device))
-            return (masked,) + tuple(output[1:]) if isinstance(output, tuple) else masked
-
-        return hook
-
-    def make_recorder(name: str):
-        def rec(module, args, output):  # noqa: ARG001
-            out = (output[0] if isinstance(output, tuple) else output).detach()
-            k = out.shape[0] // n
-            for i in range(n):
-                flat = out[i::n][:k].reshape(-1, out.shape[-1])  # rows i, i+n, ...: batch-1 row order
-                m = Moments.from_tensor(flat)
-                records[i][name] = records[i][name].merge(m) if name in records[i] else m
-
-        return rec
-
-    def pooled_pre_hook(module, args, kwargs):  # noqa: ARG001
-        acd = kwargs.get("added_cond_kwargs")
-        if acd and acd.get("text_embeds") is not None:
-            te = acd["text_embeds"]
-            kwargs = dict(kwargs)
-            drop = ~rows_mask([not z for z in zero_pooled_text], te.shape[0], te)
-            kwargs["added_cond_kwargs"] = {**acd, "text_embeds": torch.where(drop, torch.zeros((), dtype=te.dtype, device=te.device), te)}
-            return args, kwargs
-        return None
-
-    try:
-        for name, mask in keep.items():
-            if not all(mask):
-                handles.append(modules[name].register_forward_hook(make_zero_hook(list(mask))))
-        if zero_pooled_text is not None and any(zero_pooled_text):
-            handles.append(unet.register_forward_pre_hook(pooled_pre_hook, with_kwargs=True))
-        if records is not None:  # registered after the zeroing hooks: sees what is passed on
-            for name, m in modules.items():
-                if name.split(".")[-1] == "attn2" and isinstance(m, Attention):
-                    handles.append(m.register_forward_hook(make_recorder(name)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-
-def generate_batched(pipe: Any, prompt: str, seed: int, targets: Sequence[str], model_groups: Mapping[str, Sequence[str]],
-                     zero_pooled: Mapping[str, bool], call: Mapping[str, Any], *, batch_size: int = 0,
-                     records: Mapping[str, dict[str, Any]] | None = None) -> dict[str, "np.ndarray"]:
-    """Images of every target (a group name kept alone, ``all`` or ``none``) from batched runs.
-
-    At most ``batch_size`` images (0: all) share one denoising run; each starts from the noise of
-    its own CPU generator seeded with ``seed``, so it equals the batch-1 image of that target up to
-    float reassociation.  ``call`` holds the pipeline's other keyword arguments (steps, guidance,
-    size, ``output_type='np'``).  Returns float images in [0, 1], keyed by target."""
-    import numpy as np
-    import torch
-
-    chunk = batch_size or len(targets)
-    images: dict[str, np.ndarray] = {}
-    for lo in range(0, len(targets), chunk):
-        part = list(targets[lo: lo + chunk])
-        keep = {n: [t == "all" or g == t for t in part] for g, names in model_groups.items() for n in names}
-        gens = [torch.Generator("cpu").manual_seed(seed) for _ in part]
-        recs = [records[t] for t in part] if records is not None else None
-        with torch.no_grad(), ablate_cross_attention_batched(pipe.unet, keep, zero_pooled_text=[zero_pooled[t] for t in part],
-                                                             records=recs):
-            out = pipe(prompt=prompt, num_images_per_prompt=len(part), generator=gens, **call)
-        for t, im in zip(part, out.images):
-            images[t] = np.asarray(im, dtype=np.float64)
-    return images
-
-
 class SdxlAblation(Probe):
     """Cross-attention group ablation for Stable Diffusion UNets (SDXL, SD 1.x/2.x)."""
 
@@ -255,8 +78,7 @@ class SdxlAblation(Probe):
     # every shard records every attn2 output (kept or zeroed), so all of a model's shards hold the
     # same groups (layout_varies_with = ()); the CLIP score exists when a clip_model is configured
     layout: ClassVar[tuple[GroupLayout, ...]] = (
-        # one image per shard (image, scores/clip), or with batch_groups one per target (image/<target>, ...)
-        GroupLayout(r"image(/[^/]+)?", {"rgb": "uint8"}, attrs=("prompt",)),
+        GroupLayout(r"image(/[^/]+)?", {"rgb": "uint8"}, attrs=("prompt",)),  # batched: image/<target>
         GroupLayout(r"stats/.+\.attn2\.hook_out", MOMENTS_LAYOUT, attrs=("group", "zeroed")),
         GroupLayout(r"scores/clip(/[^/]+)?", {"cosine": "finite"}, min_groups=0),
     )
@@ -275,7 +97,7 @@ class SdxlAblation(Probe):
         from layerscope.models.sdxl import GroupConfigError, cross_attention_groups_from_config, unet_config_for
 
         field = "probes.sdxl_ablation.groups"
-        spec = probe_cfg.get("groups", "auto")
+        spec = self.settings(probe_cfg).groups
         if spec == "auto":
             try:
                 groups = cross_attention_groups_from_config(unet_config_for(model_cfg))
@@ -284,7 +106,7 @@ class SdxlAblation(Probe):
             if not groups:
                 raise _config_error(f"config field {field}: the UNet of model {model_cfg.get('name', '?')} has no cross-attention groups")
             return groups
-        if not isinstance(spec, list) or not spec:
+        if not isinstance(spec, (list, tuple)) or not spec:
             raise _config_error(f"config field {field}: expected 'auto' or a non-empty list of group names")
         for g in spec:
             if not isinstance(g, str) or not GROUP_RE.match(g):
@@ -294,13 +116,14 @@ class SdxlAblation(Probe):
         return list(spec)
 
     def axis_values(self, probe_cfg: Mapping[str, Any], model: str, model_cfg: Mapping[str, Any]) -> dict[str, list[str]]:
-        prompts = probe_cfg.get("prompts") or []
+        st = self.settings(probe_cfg)
+        prompts = st.prompts or []
         groups = self.target_groups(probe_cfg, {"name": model, **model_cfg}) + list(CONTROLS)
         return {
             # batch_groups: one shard (one batched generation) per (prompt, seed) covers every group
-            "group": [BATCHED] if probe_cfg.get("batch_groups", False) else groups,
+            "group": [BATCHED] if st.batch_groups else groups,
             "prompt": prompt_labels(prompts),
-            "seed": [str(int(s)) for s in probe_cfg.get("seeds", [])],
+            "seed": [str(int(s)) for s in st.seeds or ()],
         }
 
     def check_model(self, probe_cfg: Mapping[str, Any], model: str, index: int, model_cfg: Mapping[str, Any],
@@ -308,8 +131,8 @@ class SdxlAblation(Probe):
         """Explicit groups must exist in the model's UNet (when its config is readable without weights)."""
         from layerscope.models.sdxl import GroupConfigError, cross_attention_groups_from_config
 
-        groups = probe_cfg.get("groups", "auto")
-        if not isinstance(groups, list) or not arch:
+        groups = self.settings(probe_cfg).groups
+        if not isinstance(groups, (list, tuple)) or not arch:
             return
         try:
             have = cross_attention_groups_from_config(dict(arch))
@@ -321,20 +144,21 @@ class SdxlAblation(Probe):
                                     f"'{g}' (it has {', '.join(have)})")
 
     def check_config(self, probe_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
-        prompts = probe_cfg.get("prompts")
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        st = self.settings(probe_cfg)
+        prompts = st.prompts
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise _config_error("config field probes.sdxl_ablation.prompts: list at least one non-empty prompt")
-        seeds = probe_cfg.get("seeds")
-        if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds):
+        seeds = st.seeds
+        if not isinstance(seeds, (list, tuple)) or not seeds or len(set(seeds)) != len(seeds):
             raise _config_error("config field probes.sdxl_ablation.seeds: list at least one seed, without repeats")
-        clip = probe_cfg.get("clip_model")
+        clip = st.clip_model
         if clip:
             models = config.get("models", {})
             if clip not in models:
                 raise _config_error(f"config field probes.sdxl_ablation.clip_model: unknown model '{clip}'")
             if models[clip].get("family") != "clip":
                 raise _config_error(f"config field probes.sdxl_ablation.clip_model: model '{clip}' is family '{models[clip].get('family')}', expected 'clip'")
-            if clip not in (probe_cfg.get("aux_models") or []):
+            if clip not in (st.aux_models or ()):
                 raise _config_error(f"config field probes.sdxl_ablation.aux_models: must list the clip_model '{clip}' (aux models travel with each shard's spec)")
 
     # ---------------------------------------------------------------- shard
@@ -344,30 +168,29 @@ class SdxlAblation(Probe):
         import numpy as np
         import torch
 
-        from layerscope.models import resolve_device, resolve_dtype, set_threads
+        from layerscope.models import resolve_device, resolve_dtype
         from layerscope.models import sdxl as fam
 
-        cfg = spec.probe_cfg
-        set_threads(spec.threads)
+        cfg = spec.settings  # typed; defaults from the schema only
         device = resolve_device(spec.device)
         dtype = resolve_dtype(str(spec.model_cfg.get("dtype", "fp32")), device)
         target = spec.axes["group"]
         label = spec.axes["prompt"]
-        prompts = list(cfg["prompts"])
+        prompts = list(cfg.prompts)
         labels = prompt_labels(prompts)
         if label not in labels:
             raise ValueError(f"prompt label {label!r} not in probes.sdxl_ablation.prompts ({len(prompts)} prompts)")
         prompt = prompts[labels.index(label)]
         seed = int(spec.axes["seed"])
         batched = target == BATCHED
-        if batched != bool(cfg.get("batch_groups", False)):
+        if batched != bool(cfg.batch_groups):
             raise ValueError(f"shard group {target!r} does not match probes.sdxl_ablation.batch_groups "
-                             f"({bool(cfg.get('batch_groups', False))}): stale plan, rerun")
+                             f"({bool(cfg.batch_groups)}): stale plan, rerun")
 
         pipe = fam.load({"name": spec.model, **spec.model_cfg}, device, dtype)
         model_groups = fam.cross_attention_groups(pipe.unet)
-        planned = self.target_groups(cfg, {"name": spec.model, **spec.model_cfg})
-        if cfg.get("groups", "auto") == "auto" and planned != list(model_groups):
+        planned = self.target_groups(spec.probe_cfg, {"name": spec.model, **spec.model_cfg})
+        if cfg.groups == "auto" and planned != list(model_groups):
             raise ValueError(f"probes.sdxl_ablation.groups 'auto' derived {planned} from the UNet config, "
                              f"but the loaded UNet of {spec.model} has {list(model_groups)}")
         unknown = [g for g in planned if g not in model_groups]
@@ -379,19 +202,19 @@ class SdxlAblation(Probe):
                              f"it has {', '.join(model_groups)}")
         targets = planned + list(CONTROLS) if batched else [target]
         has_pooled = getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
-        pooled_mode = str(cfg.get("pooled_text", "keep"))
+        pooled_mode = str(cfg.pooled_text)
         zeroed = {t: ([] if t == "all" else [g for g in model_groups if g != t]) for t in targets}
         zero_pooled = {t: has_pooled and pooled_mode == "zero" and t != "all" for t in targets}
-        height = int(cfg.get("height") or 0) or None
-        width = int(cfg.get("width") or 0) or None
-        call = dict(negative_prompt=cfg.get("negative_prompt") or None, num_inference_steps=int(cfg.get("steps", 2)),
-                    guidance_scale=float(cfg.get("guidance_scale", 5.0)), height=height, width=width, output_type="np")
+        height = int(cfg.height or 0) or None
+        width = int(cfg.width or 0) or None
+        call = dict(negative_prompt=cfg.negative_prompt or None, num_inference_steps=int(cfg.steps),
+                    guidance_scale=float(cfg.guidance_scale), height=height, width=width, output_type="np")
 
         images: dict[str, np.ndarray] = {}
         records: dict[str, dict[str, Any]] = {t: {} for t in targets}
         from layerscope.progress import current as progress
 
-        prog = progress(len(targets) * int(cfg.get("steps", 2)), "denoising steps")
+        prog = progress(len(targets) * int(cfg.steps), "denoising steps")
 
         def on_step(_pipe: Any, _i: int, _t: Any, kw: dict[str, Any]) -> dict[str, Any]:
             prog.update(1)
@@ -406,8 +229,8 @@ class SdxlAblation(Probe):
             images[target] = np.asarray(out.images[0], dtype=np.float64)
         else:
             images = generate_batched(pipe, prompt, seed, targets, model_groups, zero_pooled, call,
-                                      batch_size=int(cfg.get("batch_size", 0) or 0), records=records)
-            prog.update(len(targets) * int(cfg.get("steps", 2)))
+                                      batch_size=int(cfg.batch_size or 0), records=records)
+            prog.update(len(targets) * int(cfg.steps))
             out = None
         del pipe, out
         gc.collect()  # diffusers pipelines hold reference cycles: free it before the CLIP scorer loads
@@ -440,7 +263,7 @@ class SdxlAblation(Probe):
                     writer.write(f"stats{sub}/{n}.hook_out", records[t][n].to_dict(), attrs={"group": g, "zeroed": g in zeroed[t]})
         writer.set_attr("ablation", {"batched": True, "targets": targets, "images": per_image} if batched else per_image[target])
 
-        clip_name = cfg.get("clip_model")
+        clip_name = cfg.clip_model
         if clip_name:
             from layerscope.models import clip as clipfam
 
@@ -530,7 +353,7 @@ class SdxlAblation(Probe):
             img_rows.append({"model": r.model, "group": r.group, "prompt": r.prompt, "prompt_text": r.prompt_text,
                              "seed": r.seed, "order": r.order, "shard": str(path), "png": str(png)})
         scores = scores.drop(columns=["shard", "png_name"])
-        return {"scores": scores, "images": pd.DataFrame(img_rows)}
+        return with_model(shards, {"scores": scores, "images": pd.DataFrame(img_rows)})
 
     # ---------------------------------------------------------------- plot
     def plot(self, tables: dict[str, "pd.DataFrame"], fig_dir: Path, caption: str = "") -> None:
@@ -541,32 +364,12 @@ class SdxlAblation(Probe):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import numpy as np
         import seaborn as sns
-        from PIL import Image
 
         fig_dir = Path(fig_dir)
         fig_dir.mkdir(parents=True, exist_ok=True)
         imgs = tables["images"]
         panels = list(imgs.groupby(["model", "prompt"], sort=True))
-
-        def draw(fig, sub, df):
-            cols = df.sort_values("order")["group"].drop_duplicates().tolist()
-            seeds = sorted(df["seed"].unique())
-            axs = sub.subplots(len(seeds), len(cols), squeeze=False)
-            for i, s in enumerate(seeds):
-                for j, g in enumerate(cols):
-                    ax = axs[i][j]
-                    hit = df[(df["seed"] == s) & (df["group"] == g)]
-                    if len(hit):
-                        ax.imshow(np.asarray(Image.open(hit["png"].iloc[0]).convert("RGB")))
-                    ax.set_xticks([]), ax.set_yticks([])
-                    if i == 0:
-                        ax.set_title(g.replace(".attentions.", "\n.attn."), fontsize=7)
-                    if j == 0:
-                        ax.set_ylabel(f"seed {s}", fontsize=7)
-            m, p = df["model"].iloc[0], df["prompt"].iloc[0]
-            sub.suptitle(f"{m} {p}: {df['prompt_text'].iloc[0][:80]!r}", fontsize=8)
 
         cell = 1.3
         max_cols = max(df["group"].nunique() for _, df in panels)
@@ -574,15 +377,15 @@ class SdxlAblation(Probe):
         fig = plt.figure(figsize=(max_cols * cell, sum(heights)), layout="constrained")
         subs = fig.subfigures(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
         for sub, (_, df) in zip(subs, panels):
-            draw(fig, sub, df)
+            image_grid(sub, df)
         if caption:
             fig.supxlabel(caption, fontsize=6)
-        fig.savefig(fig_dir / "comparison_grid.png", dpi=150)
+        save_figure(fig, fig_dir / "comparison_grid.png", dpi=150)
         plt.close(fig)
         for (m, p), df in panels:
             f = plt.figure(figsize=(df["group"].nunique() * cell, df["seed"].nunique() * cell + 0.6), layout="constrained")
-            draw(f, f, df)
-            f.savefig(fig_dir / f"comparison_grid-{m}-{p}.png", dpi=150)
+            image_grid(f, df)
+            save_figure(f, fig_dir / f"comparison_grid-{m}-{p}.png", dpi=150)
             plt.close(f)
 
         sc = tables["scores"]
@@ -597,5 +400,5 @@ class SdxlAblation(Probe):
             ax.tick_params(axis="x", labelrotation=60, labelsize=7)
         g.figure.suptitle("per-group scores, mean and 95% CI over seeds" + (f"\n{caption}" if caption else ""), fontsize=8)
         g.figure.tight_layout()
-        g.savefig(fig_dir / "scores.png", dpi=150)
+        save_figure(g, fig_dir / "scores.png", dpi=150)
         plt.close(g.figure)

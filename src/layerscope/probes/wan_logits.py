@@ -10,14 +10,14 @@ key frame) sums of logits and of softmax mass; full logits are written only when
 
 Shard layout::
 
-    stats/blocks.<L>.attn1.hook_attn_logits/chunk<C>/{logit_sum, mass_sum, logit_max}   [heads, q frames, k frames]
+    stats/blocks.<L>.attn.hook_attn_scores/chunk<C>/{logit_sum, mass_sum, logit_max}   [heads, q frames, k frames]
                                                    /{query_tokens [q frames], key_tokens_per_frame, nonfinite [heads]}
         attrs: geometry (JSON: frame_seq_length, query/key frame counts and indices, is_logits, q_len, k_len, ...)
     stats/hook_latents/{count, mean, m2, max_abs, nonfinite}     Moments of the generated latents per channel
     attrs: wan_logits (JSON: prompt, text source, step, timestep, seed, chunks, layers, logits file)
 
 Full logits (``save_logits: true``) go to a sidecar ``<shard>.logits.h5`` (gzip float16, chunked by query
-chunk), dataset ``blocks.<L>.attn1.hook_attn_logits/chunk<C>/logits`` of shape [B, heads, Q, K]: the shard
+chunk), dataset ``blocks.<L>.attn.hook_attn_scores/chunk<C>/logits`` of shape [B, heads, Q, K]: the shard
 itself stays small because shards are read eagerly at merge time.
 """
 
@@ -28,6 +28,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
+from layerscope.plots import integer_ticks, save_figure
 from layerscope.probes.base import MOMENTS_LAYOUT, GroupLayout, Probe, ShardSpec
 
 if TYPE_CHECKING:
@@ -36,7 +37,8 @@ if TYPE_CHECKING:
     from layerscope.h5io import Shard, ShardWriter
 
 def hook_name(layer: int) -> str:
-    return f"blocks.{layer}.attn1.hook_attn_logits"
+    """The canonical name (layerscope.hooks, ``wan`` table: ``blocks.{i}.attn.hook_attn_scores``) of layer ``layer``."""
+    return "blocks.{i}.attn.hook_attn_scores".format(i=layer)
 
 
 def parse_layers(label: str, n_layers: int) -> list[int]:
@@ -105,7 +107,7 @@ class WanLogits(Probe):
     figures: ClassVar[tuple[str, ...]] = ("frame_logits", "frame_mass", "sink_heatmaps")
     axis_keys: ClassVar[dict[str, str]] = {"layers": "layer_groups", "step": "steps", "seed": "seeds"}
     layout: ClassVar[tuple[GroupLayout, ...]] = (
-        GroupLayout(r"stats/blocks\.\d+\.attn1\.hook_attn_logits/chunk\d+",
+        GroupLayout(r"stats/blocks\.\d+\.attn\.hook_attn_scores/chunk\d+",
                     {"logit_sum": "finite", "mass_sum": "finite", "logit_max": "max", "query_tokens": "count",
                      "key_tokens_per_frame": "count", "nonfinite": "count"}, attrs=("geometry",)),
         GroupLayout(r"stats/hook_latents", MOMENTS_LAYOUT),
@@ -120,36 +122,36 @@ class WanLogits(Probe):
     layer_keys: ClassVar[tuple[str, ...]] = ("layer_groups",)
 
     def axis_values(self, probe_cfg: Mapping[str, Any], model: str, model_cfg: Mapping[str, Any]) -> dict[str, list[str]]:
-        cfg = vars(self.settings(probe_cfg))
-        groups = cfg["layer_groups"]
+        cfg = self.settings(probe_cfg)
+        groups = cfg.layer_groups
         return {
             "layers": [g if isinstance(g, str) else "-".join(str(int(x)) for x in g) for g in groups],
-            "step": [str(s) for s in cfg["steps"]],
-            "seed": [str(int(s)) for s in cfg["seeds"]],
+            "step": [str(s) for s in cfg.steps],
+            "seed": [str(int(s)) for s in cfg.seeds],
         }
 
     def extra_outputs(self, probe_cfg: Mapping[str, Any], layout: Any = None) -> dict[str, str]:
         """The full-logits sidecar, when asked for: declared so Snakemake removes it with a failed shard."""
         from layerscope.layout import Layout
 
-        if probe_cfg.get("save_logits"):
+        if self.settings(probe_cfg).save_logits:
             return {"logits": (layout or Layout()).shard_sidecar(self.name, "{model}", "{shard}", ".logits.h5")}
         return {}
 
     def check_config(self, probe_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         from layerscope.plan import ConfigError
 
-        cfg = vars(self.settings(probe_cfg))
-        f, n = int(cfg["num_frames"]), int(cfg["num_frame_per_block"])
+        cfg = self.settings(probe_cfg)
+        f, n = int(cfg.num_frames), int(cfg.num_frame_per_block)
         if f % n:
             raise ConfigError(f"config field probes.wan_logits.num_frames: {f} is not a multiple of num_frame_per_block {n}")
-        for s in cfg["steps"]:
+        for s in cfg.steps:
             try:
-                parse_step(str(s), len(cfg["denoising_steps"]))
+                parse_step(str(s), len(cfg.denoising_steps))
             except ValueError as e:
                 raise ConfigError(f"config field {e}") from None
         n_chunks = f // n
-        for c in cfg["chunks"]:
+        for c in cfg.chunks:
             if not -n_chunks <= int(c) < n_chunks:
                 raise ConfigError(f"config field probes.wan_logits.chunks: chunk {c} outside {-n_chunks}..{n_chunks - 1} ({n_chunks} chunks)")
 
@@ -161,13 +163,13 @@ class WanLogits(Probe):
         super().check_model(probe_cfg, model, index, model_cfg, arch)
         patch = (arch or {}).get("patch_size")
         if isinstance(patch, (list, tuple)) and len(patch) == 3:
-            cfg = vars(self.settings(probe_cfg))
-            h, w = (int(x) for x in cfg["latent_size"])
+            cfg = self.settings(probe_cfg)
+            h, w = (int(x) for x in cfg.latent_size)
             if h % int(patch[1]) or w % int(patch[2]):
                 raise ConfigError(f"config field probes.wan_logits.latent_size: [{h}, {w}] is not divisible by model '{model}''s "
                                   f"patch size {int(patch[1])}x{int(patch[2])}")
-            if int(cfg["num_frames"]) % int(patch[0]):
-                raise ConfigError(f"config field probes.wan_logits.num_frames: {cfg['num_frames']} is not divisible by model "
+            if int(cfg.num_frames) % int(patch[0]):
+                raise ConfigError(f"config field probes.wan_logits.num_frames: {cfg.num_frames} is not divisible by model "
                                   f"'{model}''s temporal patch size {int(patch[0])}")
 
     # ---- shard ----
@@ -176,36 +178,35 @@ class WanLogits(Probe):
         import torch
 
         from layerscope.h5io import atomic_path
-        from layerscope.models import model_dtype, resolve_device, set_threads
+        from layerscope.models import model_dtype, resolve_device
         from layerscope.models import wan
         from layerscope.stats import Moments
 
-        cfg = vars(spec.settings)
-        set_threads(spec.threads)
+        cfg = spec.settings
         device = resolve_device(spec.device)
         mcfg = {"name": spec.model, **spec.model_cfg}  # errors name models.<name>.<field>
         dtype = model_dtype(mcfg, device)
         bundle = wan.load(mcfg, device, dtype)
         tr = bundle.transformer
         layers = parse_layers(spec.axes["layers"], len(tr.blocks))
-        step = parse_step(spec.axes["step"], len(cfg["denoising_steps"]))
+        step = parse_step(spec.axes["step"], len(cfg.denoising_steps))
         seed = int(spec.axes["seed"])
-        gcfg = wan.GenerationConfig(num_frames=int(cfg["num_frames"]), block_frames=int(cfg["num_frame_per_block"]),
-                                    denoising_steps=tuple(int(t) for t in cfg["denoising_steps"]), shift=float(cfg["shift"]),
-                                    context_noise=int(cfg["context_noise"]))
+        gcfg = wan.GenerationConfig(num_frames=int(cfg.num_frames), block_frames=int(cfg.num_frame_per_block),
+                                    denoising_steps=tuple(int(t) for t in cfg.denoising_steps), shift=float(cfg.shift),
+                                    context_noise=int(cfg.context_noise))
         n_chunks = gcfg.num_frames // gcfg.block_frames
-        chunks = sorted({int(c) % n_chunks for c in cfg["chunks"]})
+        chunks = sorted({int(c) % n_chunks for c in cfg.chunks})
 
         text_dim = tr.config.text_dim
-        if cfg["text"] == "umt5":
-            text = wan.encode_prompt(bundle, [cfg["prompt"]], int(cfg["max_sequence_length"]), device, dtype)
+        if cfg.text == "umt5":
+            text = wan.encode_prompt(bundle, [cfg.prompt], int(cfg.max_sequence_length), device, dtype)
         else:  # seeded random embeddings: a documented stand-in when no text encoder is wanted
             g = torch.Generator("cpu").manual_seed(10_000 + seed)
-            text = torch.randn((1, int(cfg["max_sequence_length"]), text_dim), generator=g).to(device, dtype)
+            text = torch.randn((1, int(cfg.max_sequence_length), text_dim), generator=g).to(device, dtype)
         if text.shape[-1] != text_dim:
             raise ValueError(f"text embeddings have {text.shape[-1]} channels, the transformer expects text_dim {text_dim}")
 
-        h, w = (int(x) for x in cfg["latent_size"])
+        h, w = (int(x) for x in cfg.latent_size)
         g = torch.Generator("cpu").manual_seed(seed)
         noise = torch.randn((1, tr.config.in_channels, gcfg.num_frames, h, w), generator=g).to(device, dtype)
 
@@ -213,7 +214,7 @@ class WanLogits(Probe):
         logit_file = None
         h5 = None
         ctx = None
-        if cfg["save_logits"]:
+        if cfg.save_logits:
             import h5py
 
             logit_file = writer.path.with_name(writer.path.name.removesuffix(".h5") + ".logits.h5")
@@ -228,12 +229,12 @@ class WanLogits(Probe):
                 shape = (geo["batch"], geo["heads"], geo["q_len"], geo["k_len"])
                 ds = h5.require_group(f"{hook_name(layer)}/chunk{geo['chunk']}").create_dataset(
                     "logits", shape=shape, dtype="float16", compression="gzip", compression_opts=4,
-                    chunks=(1, 1, min(int(cfg["query_chunk"]), shape[2]), min(shape[3], 8192)))
+                    chunks=(1, 1, min(int(cfg.query_chunk), shape[2]), min(shape[3], 8192)))
                 ds.attrs["geometry"] = json.dumps(geo)
                 sinks.append(wan.FullLogitsSink(ds, np.float16))
             return sinks
 
-        cap = wan.CaptureRequest(frozenset(layers), frozenset((c, step) for c in chunks), sinks_for, int(cfg["query_chunk"]))
+        cap = wan.CaptureRequest(frozenset(layers), frozenset((c, step) for c in chunks), sinks_for, int(cfg.query_chunk))
         from layerscope.progress import current as progress
 
         prog = progress(1, "generations")
@@ -257,10 +258,10 @@ class WanLogits(Probe):
         c = latents.shape[1]
         writer.write("stats/hook_latents", Moments.from_tensor(latents.permute(0, 2, 3, 4, 1).reshape(-1, c)).to_dict())
         writer.set_attr("wan_logits", {
-            "prompt": cfg["prompt"], "text": cfg["text"], "step": step, "seed": seed, "layers": layers, "chunks": chunks,
+            "prompt": cfg.prompt, "text": cfg.text, "step": step, "seed": seed, "layers": layers, "chunks": chunks,
             "timesteps": [s * 1000 for s in wan.self_forcing_sigmas(gcfg.denoising_steps, gcfg.shift)],
             "checkpoint": bundle.checkpoint, "logits_file": logit_file.name if logit_file else None,
-            "first_k": int(cfg["first_k"]),
+            "first_k": int(cfg.first_k),
         })
 
     # ---- merge ----
@@ -273,7 +274,7 @@ class WanLogits(Probe):
         for sh in shards:
             meta = sh.json_attr("wan_logits")
             for group in sh.subgroups("stats"):
-                if ".hook_attn_logits/" not in group:
+                if ".hook_attn_scores/" not in group:
                     continue
                 arr = sh.groups[group]
                 geo = json.loads(sh.group_attrs[group]["geometry"])
@@ -330,14 +331,15 @@ class WanLogits(Probe):
         p = prof[last].copy()
         p["panel"] = p["model"] + " L" + p["layer"].astype(str)
         p["step"] = "step " + p["step"].astype(str)
-        for value, fname, ylabel in (("mean_logit", "frame_logits", "query-averaged logit QK^T/sqrt(d)"),
-                                     ("mass", "frame_mass", "query-averaged softmax mass")):
+        for value, fname, ylabel in (("mean_logit", "frame_logits", "query-averaged logit QK^T/sqrt(d) (logit)"),
+                                     ("mass", "frame_mass", "query-averaged softmax mass (fraction, 0-1)")):
             g = sns.relplot(data=p, x="key_frame", y=value, hue="head", style="step", col="panel", col_wrap=min(4, p["panel"].nunique()),
                             kind="line", marker="o", height=2.6, aspect=1.3, palette="tab20", facet_kws={"sharey": False})
-            g.set_axis_labels("key frame", ylabel)
+            g.set_axis_labels("key frame (latent frame index)", ylabel)
+            integer_ticks(g)
             g.set_titles("{col_name}")
             g.figure.suptitle(f"Wan last-chunk attention to each key frame ({value}) {caption}".strip(), y=1.02, fontsize=9)
-            g.savefig(fig_dir / f"{fname}.png", dpi=110, bbox_inches="tight")
+            save_figure(g, fig_dir / f"{fname}.png", dpi=110, bbox_inches="tight")
             plt.close(g.figure)
         metrics = ["first_frame_mass", "first_k_mass", "current_chunk_mass", "entropy_frames_norm", "first_minus_middle_logit"]
         mlast = mets[mets.groupby(["model", "layer", "step"])["chunk"].transform("max") == mets["chunk"]]
@@ -352,5 +354,5 @@ class WanLogits(Probe):
                 mark_nonfinite(axes[r][c], sub, "head", position=list(mat.columns))
         fig.suptitle(f"Sink metrics per layer x head (last captured chunk) {caption}".strip(), fontsize=9)
         fig.tight_layout()
-        fig.savefig(fig_dir / "sink_heatmaps.png", dpi=110)
+        save_figure(fig, fig_dir / "sink_heatmaps.png", dpi=110)
         plt.close(fig)
