@@ -183,7 +183,7 @@ class Probe:
         """Checks of the settings against one model's architecture (``arch``: its config dict, None
         when unreadable without weights). Default: layer indices within the model's depth."""
         from layerscope.errors import ConfigError
-        from layerscope.plan import model_depth
+        from layerscope.model_configs import model_depth
 
         depth = model_depth(arch)
         if depth is None:

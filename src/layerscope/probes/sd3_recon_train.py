@@ -123,7 +123,7 @@ class SD3ReconTrain(Probe):
                     arch: Mapping[str, Any] | None) -> None:
         """Target layers: 0 (context_embedder output) .. num_layers-2 (the last block's text output is discarded)."""
         from layerscope.errors import ConfigError
-        from layerscope.plan import model_depth
+        from layerscope.model_configs import model_depth
 
         depth = model_depth(arch)
         if depth is None:
