@@ -84,6 +84,7 @@ def work(study5, tmp_path, monkeypatch):
     for probe in PROBES:
         src = study5 / RESULTS / probe / "shards"
         shutil.copytree(src, tmp_path / RESULTS / probe / "shards")
+    shutil.copytree(study5 / RESULTS / "data", tmp_path / RESULTS / "data")  # the slice indexes the shards read
     monkeypatch.chdir(tmp_path)
     for probe in PROBES:
         expect_hash(probe)  # before any fault touches the copies
@@ -316,12 +317,14 @@ def test_stale_shard_from_another_config_is_refused(work, probe):
 
 @pytest.mark.parametrize("probe", ["dinov3_channels"])
 def test_shards_that_saw_different_data_are_refused(work, probe):
+    """A shard whose recorded data digest is not its slice's data as it is now: stale, refused
+    (the other slice's shard is not)."""
     a, b = shard_paths(work, probe)
     with h5py.File(b, "a") as f:
         f.attrs["data_digest"] = '{"photos": "ffffffffffffffff"}'
     resign(b)
-    msg = assert_refused(probe, b, "shards disagree")
-    assert f"{a}: " in msg
+    msg = assert_refused(probe, b, "stale: the data changed after the shard ran")
+    assert f"{a}: " not in msg
 
 
 def test_missing_layout_attribute_is_refused(work):

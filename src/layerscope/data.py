@@ -146,13 +146,18 @@ def build_index(name: str, ds: Mapping[str, Any], out: str | Path) -> Path:
         w.writerow(["image_id", "path", "caption"])
         for i, (p, c) in enumerate(rows):
             w.writerow([i, p, c])
-    # the digest of the index *and every image's bytes*, computed once here (shards only read it)
+    _write_digest(tmp, out)
+    tmp.replace(out)
+    return out
+
+
+def _write_digest(tmp: Path, out: Path) -> None:
+    """The digest of the index *and every image's bytes*, computed once when the index is built and
+    kept beside it (``index.tsv.digest``): shards and merges read it instead of the images."""
     dig = out.with_name(out.name + DIGEST_SUFFIX)
     dig_tmp = out.with_name(f".partial-{dig.name}")
     dig_tmp.write_text(json.dumps({"index_sha256": _sha256_file(tmp), "digest": _content_digest(tmp)}) + "\n")
     dig_tmp.replace(dig)
-    tmp.replace(out)
-    return out
 
 
 def read_index(path: str | Path) -> list[Record]:
@@ -398,5 +403,6 @@ def build_slice(name: str, ds: Mapping[str, Any], max_images: int, slice_label: 
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         w.writerow(["image_id", "path", "caption"])
         w.writerows(rows)
+    _write_digest(tmp, out)
     tmp.replace(out)
     return out

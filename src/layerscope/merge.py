@@ -122,6 +122,32 @@ def check_layout(sh: Shard, probe: Probe) -> list[str]:
     return why
 
 
+def _stale_data(sh: Shard) -> str | None:
+    """Why a shard's recorded data digest differs from its slice's index as it is now (the data
+    changed after the shard ran), or None. Indexes that are not on disk here are not judged."""
+    import json
+
+    from layerscope.data import index_digest
+
+    try:
+        spec = sh.json_attr("spec")
+        recorded = json.loads(str(sh.attrs.get("data_digest") or "{}"))
+    except (KeyError, ValueError, TypeError):
+        return None
+    for name, ds in (spec.get("datasets") or {}).items():
+        template = ds.get("slice_index") or ds.get("index")
+        if not template:
+            continue
+        path = Path(str(template).format(slice=sh.axes.get("slice", "0of1")))
+        if not path.is_file():
+            continue
+        current = index_digest(path)
+        if recorded.get(name) != current:
+            return (f"saw data {recorded.get(name)} of dataset '{name}', but its slice index {path} is now "
+                    f"{current} (stale: the data changed after the shard ran)")
+    return None
+
+
 def _group_set_mismatch(shards: list[Shard], probe: Probe) -> list[tuple[Path, str]]:
     """Shards that agree on the probe's ``layout_varies_with`` axes must hold the same groups."""
     by_key: dict[tuple, list[Shard]] = {}
@@ -182,6 +208,10 @@ def load_shards(paths: Iterable[str | Path], probe: str, model: str, expect_hash
             digests = by_slice[sh.axes.get("slice", "")]
             if len(digests) > 1:
                 problems.append((sh.path, f"saw dataset index {sh.attrs.get('data_digest')}; shards of its slice disagree ({', '.join(sorted(map(str, digests)))})"))
+            else:
+                stale = _stale_data(sh)
+                if stale:
+                    problems.append((sh.path, stale))
         if "slice" in p.axes and not problems:
             by_rest: dict[tuple, list[tuple[int, int]]] = {}
             for sh in shards:
