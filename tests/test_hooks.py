@@ -81,15 +81,12 @@ def test_a_toy_family_registers_one_table_and_resolves():
 
 # models -> probes -> stats/h5io -> merge -> CLI -> rules: a module may import its own layer and below.
 # layout is path arithmetic that imports nothing of the package, so every layer may ask it for a path.
-LAYER = {"errors": 0, "settings": 0, "hooks": 1, "models": 1, "model_configs": 1, "stats": 1, "batch_stats": 1, "h5io": 1, "progress": 0, "plots": 1,
+LAYER = {"errors": 0, "settings": 0, "hooks": 1, "models": 1, "model_configs": 1, "stats": 1, "batch_stats": 1, "h5io": 1, "h5read": 1, "progress": 0, "plots": 1,
          "provenance": 4, "data": 1, "hub": 1, "real_geometry": 1, "training": 2, "probes": 2, "estimate": 2,
          "merge": 3, "plan": 3, "layout": 0, "status": 4, "forkserver": 5, "textgrad_pair": 4, "cli": 5, "__main__": 5}
 # known upward imports, owned elsewhere, per (file, imported module): listed so that a new one fails.
 # (ConfigError lives in layerscope.errors and shard_label belongs in layout; the probes should import them there.)
-KNOWN_UP = {("src/layerscope/probes/wan_logits.py", "layerscope.plan"),
-            ("src/layerscope/probes/dinov3_channels.py", "layerscope.plan"),
-            ("src/layerscope/probes/sdxl_ablation.py", "layerscope.plan"),
-            ("src/layerscope/data.py", "layerscope.probes.base")}  # parse_slice belongs below the probes
+KNOWN_UP: set[tuple[str, str]] = set()
 
 
 def _layer_of(module: str) -> str:
@@ -117,10 +114,7 @@ def test_imports_only_run_down_the_layers():
 
 
 def test_no_source_file_over_400_lines():
-    # grew past 400 in other branches' merges; owned elsewhere, reported to the lead, to split
-    owned_elsewhere = {"src/layerscope/h5io.py", "src/layerscope/data.py", "src/layerscope/probes/sdxl_ablation.py"}
-    long = {p: n for f in (REPO / "src").rglob("*.py")
-            if (n := len(f.read_text().splitlines())) > 400 and (p := str(f.relative_to(REPO))) not in owned_elsewhere}
+    long = {str(f.relative_to(REPO)): n for f in (REPO / "src").rglob("*.py") if (n := len(f.read_text().splitlines())) > 400}
     assert not long, long
 
 

@@ -210,44 +210,6 @@ def index_digest(path: str | Path) -> str:
     return _content_digest(path)
 
 
-def content_fingerprint(name: str, ds: Mapping[str, Any]) -> str:
-    """A cheap fingerprint of what a dataset's index would be built from: the folder's listing
-    with every image's size and mtime (or the list file's bytes and its images' size and mtime).
-    The ``dataset_index`` rule takes it as a param, so adding, removing or changing an image
-    changes a param and Snakemake rebuilds the index - and, through it, exactly the shards that
-    read this dataset.  Stats only (no image is read), so a dry run stays fast."""
-    h = hashlib.sha256(f"{ds.get('kind')}\n".encode())
-
-    def add_file(p: Path) -> None:
-        try:
-            st = p.stat()
-            h.update(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{p}\tmissing\n".encode())
-
-    kind = ds.get("kind")
-    if kind == "skimage":
-        from importlib.metadata import version
-
-        h.update(version("scikit-image").encode())
-    elif kind == "folder":
-        root = Path(ds["path"])
-        if root.is_dir():
-            for p in sorted(q for q in root.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES):
-                add_file(p)
-        if ds.get("captions"):
-            add_file(Path(ds["captions"]))
-    elif kind == "list":
-        lst = Path(ds["path"])
-        add_file(lst)
-        if lst.is_file():
-            for line in lst.read_text().splitlines():
-                if line.strip() and not line.startswith("#"):
-                    p = Path(line.partition("\t")[0])
-                    add_file(p if p.is_absolute() else lst.parent / p)
-    return h.hexdigest()[:16]
-
-
 def load_image(path: str | Path, size: int) -> Image.Image:
     """RGB image, shorter side resized to ``size`` then centre-cropped to size x size."""
     try:
@@ -331,7 +293,7 @@ def list_items(name: str, ds: Mapping[str, Any]) -> list[Item]:
 def slice_items(items: list[Item], max_images: int, slice_label: str) -> list[Item]:
     """The items of one slice ``IofN``: the first ``max_images`` (0: all), then those whose key
     falls in slice I of N, in listing order."""
-    from layerscope.probes.base import parse_slice
+    from layerscope.layout import parse_slice
 
     i, n = parse_slice(slice_label)
     cut = items[:max_images] if max_images else items
@@ -367,7 +329,7 @@ def slice_fingerprints(name: str, ds: Mapping[str, Any], max_images: int, n: int
 
 def slice_fingerprint(name: str, ds: Mapping[str, Any], max_images: int, slice_label: str) -> str:
     """:func:`slice_fingerprints` of one slice ``IofN``."""
-    from layerscope.probes.base import parse_slice
+    from layerscope.layout import parse_slice
 
     i, n = parse_slice(slice_label)
     return slice_fingerprints(name, ds, max_images, n)[i]

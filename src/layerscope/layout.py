@@ -23,13 +23,15 @@ rule's output pattern, ``layout.shard(p, "sd3_tiny", "seed-0")`` one file. Pure 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import Mapping
 
 RESULTS = "results"
 DEFAULT_STUDY = "default"
 
-__all__ = ["RESULTS", "DEFAULT_STUDY", "Layout", "user_error_marker"]
+__all__ = ["RESULTS", "DEFAULT_STUDY", "Layout", "user_error_marker", "shard_label", "parse_shard_label", "parse_slice"]
 
 
 @dataclass(frozen=True)
@@ -122,3 +124,30 @@ def user_error_marker(out: str | os.PathLike) -> str | None:
         return None
     lay = Layout(parts[1])
     return os.path.join(lay.user_error_dir(), *parts[2:]) + ".err"
+
+
+# ---- shard labels: a shard's identity is its file name <axis>-<label>__<axis>-<label>...
+def shard_label(axes: Mapping[str, str]) -> str:
+    return "__".join(f"{a}-{v}" for a, v in axes.items()) or "all"
+
+
+def parse_shard_label(label: str, axes: tuple[str, ...]) -> dict[str, str]:
+    if label == "all" and not axes:
+        return {}
+    parts = label.split("__")
+    out: dict[str, str] = {}
+    for part in parts:
+        a, sep, v = part.partition("-")
+        if not sep:
+            raise ValueError(f"bad shard label {label!r}")
+        out[a] = v
+    if tuple(out) != tuple(axes):
+        raise ValueError(f"shard label {label!r} has axes {tuple(out)}, expected {axes}")
+    return out
+
+
+def parse_slice(label: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)of(\d+)", label)
+    if not m or int(m.group(1)) >= int(m.group(2)):
+        raise ValueError(f"bad slice label {label!r}: expected IofN with 0 <= I < N")
+    return int(m.group(1)), int(m.group(2))

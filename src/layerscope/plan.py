@@ -33,6 +33,7 @@ import yaml
 from layerscope.probes import PROBES, get_probe
 from layerscope.probes.base import LABEL_RE, Probe, ShardSpec
 
+from layerscope.layout import parse_shard_label, shard_label  # noqa: F401  (re-exported)
 from layerscope.layout import DEFAULT_STUDY, RESULTS, Layout  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -63,25 +64,6 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 from layerscope.model_configs import _static_eval, arch_config, model_depth, tiny_archs  # noqa: E402,F401  (re-exported)
-
-
-def shard_label(axes: Mapping[str, str]) -> str:
-    return "__".join(f"{a}-{v}" for a, v in axes.items()) or "all"
-
-
-def parse_shard_label(label: str, axes: tuple[str, ...]) -> dict[str, str]:
-    if label == "all" and not axes:
-        return {}
-    parts = label.split("__")
-    out: dict[str, str] = {}
-    for part in parts:
-        a, sep, v = part.partition("-")
-        if not sep:
-            raise ValueError(f"bad shard label {label!r}")
-        out[a] = v
-    if tuple(out) != tuple(axes):
-        raise ValueError(f"shard label {label!r} has axes {tuple(out)}, expected {axes}")
-    return out
 
 
 class Plan:

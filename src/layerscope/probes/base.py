@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
+from layerscope.layout import parse_slice  # noqa: E402,F401  (re-exported)
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -129,13 +131,6 @@ class GroupLayout:
 
 
 MOMENTS_LAYOUT: dict[str, str] = {"count": "count", "mean": "mean", "m2": "m2", "max_abs": "max_abs", "nonfinite": "count"}
-
-
-def parse_slice(label: str) -> tuple[int, int]:
-    m = re.fullmatch(r"(\d+)of(\d+)", label)
-    if not m or int(m.group(1)) >= int(m.group(2)):
-        raise ValueError(f"bad slice label {label!r}: expected IofN with 0 <= I < N")
-    return int(m.group(1)), int(m.group(2))
 
 
 class Probe:

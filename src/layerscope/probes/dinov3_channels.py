@@ -148,7 +148,7 @@ class DinoV3Channels(Probe):
         from layerscope.data import load_image
         from layerscope.models import model_dtype, resolve_device
         from layerscope.models.dinov3 import final_norms, load, preprocess
-        from layerscope.plan import ConfigError
+        from layerscope.errors import ConfigError
 
         cfg = spec.settings  # typed; defaults from the schema only
         records = spec.records()

@@ -33,6 +33,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
+from layerscope.errors import ConfigError
 from layerscope.models.sdxl_ablate import (  # noqa: F401  (the UNet hooks; re-exported)
     ablate_cross_attention, ablate_cross_attention_batched, generate_batched)
 from layerscope.plots import image_grid, save_figure
@@ -59,11 +60,6 @@ def prompt_labels(prompts: Sequence[str]) -> list[str]:
     """Shard-axis labels of the prompt list: p0, p1, ... (the text itself travels in the spec)."""
     return [f"p{i}" for i in range(len(prompts))]
 
-
-def _config_error(msg: str) -> Exception:
-    from layerscope.errors import ConfigError
-
-    return ConfigError(msg)
 
 
 class SdxlAblation(Probe):
@@ -102,17 +98,17 @@ class SdxlAblation(Probe):
             try:
                 groups = cross_attention_groups_from_config(unet_config_for(model_cfg))
             except (GroupConfigError, OSError, json.JSONDecodeError) as e:
-                raise _config_error(f"config field {field}: 'auto' failed for model {model_cfg.get('name', '?')}: {e}") from None
+                raise ConfigError(f"config field {field}: 'auto' failed for model {model_cfg.get('name', '?')}: {e}") from None
             if not groups:
-                raise _config_error(f"config field {field}: the UNet of model {model_cfg.get('name', '?')} has no cross-attention groups")
+                raise ConfigError(f"config field {field}: the UNet of model {model_cfg.get('name', '?')} has no cross-attention groups")
             return groups
         if not isinstance(spec, (list, tuple)) or not spec:
-            raise _config_error(f"config field {field}: expected 'auto' or a non-empty list of group names")
+            raise ConfigError(f"config field {field}: expected 'auto' or a non-empty list of group names")
         for g in spec:
             if not isinstance(g, str) or not GROUP_RE.match(g):
-                raise _config_error(f"config field {field}: {g!r} is not a group name like 'down_blocks.1.attentions.0' or 'mid_block.attentions.0'")
+                raise ConfigError(f"config field {field}: {g!r} is not a group name like 'down_blocks.1.attentions.0' or 'mid_block.attentions.0'")
         if len(set(spec)) != len(spec):
-            raise _config_error(f"config field {field}: duplicate group names")
+            raise ConfigError(f"config field {field}: duplicate group names")
         return list(spec)
 
     def axis_values(self, probe_cfg: Mapping[str, Any], model: str, model_cfg: Mapping[str, Any]) -> dict[str, list[str]]:
@@ -140,26 +136,26 @@ class SdxlAblation(Probe):
             return
         for g in groups:
             if g not in have:
-                raise _config_error(f"config field probes.sdxl_ablation.groups: model '{model}' has no cross-attention group "
+                raise ConfigError(f"config field probes.sdxl_ablation.groups: model '{model}' has no cross-attention group "
                                     f"'{g}' (it has {', '.join(have)})")
 
     def check_config(self, probe_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         st = self.settings(probe_cfg)
         prompts = st.prompts
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-            raise _config_error("config field probes.sdxl_ablation.prompts: list at least one non-empty prompt")
+            raise ConfigError("config field probes.sdxl_ablation.prompts: list at least one non-empty prompt")
         seeds = st.seeds
         if not isinstance(seeds, (list, tuple)) or not seeds or len(set(seeds)) != len(seeds):
-            raise _config_error("config field probes.sdxl_ablation.seeds: list at least one seed, without repeats")
+            raise ConfigError("config field probes.sdxl_ablation.seeds: list at least one seed, without repeats")
         clip = st.clip_model
         if clip:
             models = config.get("models", {})
             if clip not in models:
-                raise _config_error(f"config field probes.sdxl_ablation.clip_model: unknown model '{clip}'")
+                raise ConfigError(f"config field probes.sdxl_ablation.clip_model: unknown model '{clip}'")
             if models[clip].get("family") != "clip":
-                raise _config_error(f"config field probes.sdxl_ablation.clip_model: model '{clip}' is family '{models[clip].get('family')}', expected 'clip'")
+                raise ConfigError(f"config field probes.sdxl_ablation.clip_model: model '{clip}' is family '{models[clip].get('family')}', expected 'clip'")
             if clip not in (st.aux_models or ()):
-                raise _config_error(f"config field probes.sdxl_ablation.aux_models: must list the clip_model '{clip}' (aux models travel with each shard's spec)")
+                raise ConfigError(f"config field probes.sdxl_ablation.aux_models: must list the clip_model '{clip}' (aux models travel with each shard's spec)")
 
     # ---------------------------------------------------------------- shard
     def run_shard(self, spec: ShardSpec, writer: "ShardWriter") -> None:
@@ -288,7 +284,7 @@ class SdxlAblation(Probe):
         from skimage.metrics import structural_similarity
 
         from layerscope.h5io import ShardError
-        from layerscope.plan import shard_label
+        from layerscope.layout import shard_label
 
         if not shards:
             raise ShardError("sdxl_ablation merge: no shards")

@@ -139,7 +139,7 @@ class WanLogits(Probe):
         return {}
 
     def check_config(self, probe_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
-        from layerscope.plan import ConfigError
+        from layerscope.errors import ConfigError
 
         cfg = self.settings(probe_cfg)
         f, n = int(cfg.num_frames), int(cfg.num_frame_per_block)
