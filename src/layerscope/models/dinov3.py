@@ -266,15 +266,9 @@ def load_official_checkpoint(model: DINOv3ViTModel, path: str | Path, field: str
 # a head checkpoint carrying its backbone LoRA: {"state_dict", "meta", "peft": {"config", "state_dict"}}
 # ---------------------------------------------------------------------------------------------
 _LORA_KEY = re.compile(r"^(?P<mod>.+)\.(?P<ab>lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)(?:\.(?P<adapter>(?!weight$|bias$)[^.]+))?(?P<rest>\.weight|\.bias)?$")
-_MODULE_O2H = [
-    (r"blocks\.(\d+)\.attn\.proj", r"model.layer.\1.attention.o_proj"),
-    (r"blocks\.(\d+)\.mlp\.fc1", r"model.layer.\1.mlp.up_proj"),
-    (r"blocks\.(\d+)\.mlp\.fc2", r"model.layer.\1.mlp.down_proj"),
-    (r"blocks\.(\d+)\.mlp\.w1", r"model.layer.\1.mlp.gate_proj"),
-    (r"blocks\.(\d+)\.mlp\.w2", r"model.layer.\1.mlp.up_proj"),
-    (r"blocks\.(\d+)\.mlp\.w3", r"model.layer.\1.mlp.down_proj"),
-    (r"patch_embed\.proj", "embeddings.patch_embeddings"),
-]
+_PARAM = r"\.(weight|bias)"
+# module names (LoRA targets) follow the parameter mapping: the same rules without the weight/bias part
+_MODULE_O2H = [(o[: -len(_PARAM)], re.sub(r"\.\\\d+$", "", h)) for o, h in _O2H if o.endswith(_PARAM)]
 _TARGET_O2H = {"qkv": ["q_proj", "k_proj", "v_proj"], "proj": ["o_proj"], "fc1": ["up_proj"], "fc2": ["down_proj"],
                "w1": ["gate_proj"], "w2": ["up_proj"], "w3": ["down_proj"]}
 
