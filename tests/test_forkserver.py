@@ -67,6 +67,10 @@ def test_killed_client_terminates_its_forked_child(tmp_path, fs_env):
     import time
 
     env, sock = fs_env
+    # start the server first (a client that cannot reach a server in time runs in-process instead,
+    # which on a loaded machine would leave no forked child to look for)
+    rc, _, err = _run(["check-config", str(REPO / "config.yaml")], env, tmp_path, "warm")
+    assert rc == 0 and sock.exists(), err
     # a command that blocks: check-config reading a FIFO nobody writes to
     fifo = tmp_path / "cfg.yaml"
     os.mkfifo(fifo)
