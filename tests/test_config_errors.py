@@ -141,6 +141,9 @@ CASES = [
          F + "probes.wan_logits.steps: step 4 outside 0..3 (denoising_steps has 4)"),
     Case("unknown-tiny-arch", _set("models.dinov3_tiny.source", "tiny:huge"),
          F + 'models.dinov3_tiny.source: "tiny:huge" names no tiny architecture of family dinov3 (known: tiny:default, tiny:vitb16)'),
+    Case("unknown-family", _set("models.dinov3_tiny.family", "dinov2"),
+         F + "models.dinov3_tiny.family: unknown model family 'dinov2'; did you mean 'dinov3'? "
+             "(families: clip, dinov3, sd3, sdxl, wan; a family is a module in layerscope/models)"),
     Case("family-mismatch", _set("probes.dinov3_channels.models", ["sd3_tiny"]),
          F + "probes.dinov3_channels.models[0]: model 'sd3_tiny' is family 'sd3', this probe takes dinov3"),
     # --- datasets and their files

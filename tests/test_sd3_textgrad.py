@@ -297,7 +297,7 @@ def test_shard_merge_and_figures(tmp_path, tiny_dir, dataset, pipe):
     assert row.n_tokens == mask.sum() < len(mask)
     assert row.strength == pytest.approx(v.mean(), rel=1e-4)
     assert row.topk_mass == pytest.approx(np.sort(v)[-3:].sum() / v.sum(), rel=1e-4)
-    for name in ("samples", "blocks", "blocks_all_timesteps", "pooled", "tokens"):
+    for name in P.SD3TextGrad.tables:
         assert_hooks_documented("sd3", tables[name]["hook"])
     assert_hooks_documented("sd3", shard_hooks(shards))
     assert row.hook == "blocks.2.hook_text_grad" and row.sigma == pytest.approx(float(sch.sigmas[300]))
@@ -420,7 +420,9 @@ def test_pooled_curves_equal_brute_force_from_token_scores(tmp_path, tiny_dir, d
 
     shards = [run(tmp_path, tiny_dir, dataset, {"timestep": t, "seed": s, "slice": sl})
               for t in ("200", "800") for s in ("0", "1") for sl in ("0of2", "1of2")]
-    pooled = P.SD3TextGrad().merge(shards[::-1])["pooled"]  # order must not matter
+    merged = P.SD3TextGrad().merge(shards[::-1])  # order must not matter
+    pooled, per_t = merged["pooled"], merged["pooled_per_timestep"]
+    assert "timestep_index" not in pooled and set(per_t["timestep_index"]) == {200, 800}
     topk = 3
     for block in range(4):
         hook = f"stats/blocks.{block}.hook_text_grad"
@@ -442,7 +444,8 @@ def test_pooled_curves_equal_brute_force_from_token_scores(tmp_path, tiny_dir, d
                 per_pair["strength"].append(v.mean())
                 per_pair["topk_mass"].append(sum(sorted(v)[-topk:]) / v.sum())
                 per_pair["entropy"].append(-sum(pi * math.log(pi + 1e-12) for pi in p))
-            row = pooled[(pooled.block == block) & (pooled.timestep_index == tkey)].iloc[0]
+            row = (pooled[pooled.block == block] if tkey == "all"
+                   else per_t[(per_t.block == block) & (per_t.timestep_index == int(tkey))]).iloc[0]
             assert row.pairs == 3 and row.samples_per_pair == len(vecs) and row.nonfinite == 0
             for m, vals in per_pair.items():
                 vals = np.array(vals)
@@ -452,7 +455,7 @@ def test_pooled_curves_equal_brute_force_from_token_scores(tmp_path, tiny_dir, d
     # pooling before the metrics is not the mean of per-row metrics (the project's per-row table)
     blk = P.SD3TextGrad().merge(shards)["blocks_all_timesteps"]
     r = blk[blk.block == 1].iloc[0]
-    p = pooled[(pooled.block == 1) & (pooled.timestep_index == "all")].iloc[0]
+    p = pooled[pooled.block == 1].iloc[0]
     assert abs(r.entropy_mean - p.entropy) > 1e-6
 
 
@@ -634,7 +637,7 @@ def test_cli_single_pair_matches_the_study_shards(tiny_dir, tmp_path, capsys):
     smp = pd.read_csv(tdir / "samples.csv")
     pooled = pd.read_csv(tdir / "pooled.csv")
     assert len(smp) == 2 * 2 * 4 and set(smp["sigma"]) == {0.9, 0.3}
-    assert set(pooled[pooled.timestep_index == "all"]["samples_per_pair"]) == {4}
+    assert set(pooled["samples_per_pair"]) == {4}
     for f in P.FIGURES.values():
         assert (tmp_path / "out" / "figures" / f"{f}.png").stat().st_size > 5000
     # the study path, one shard per (timestep, seed), on a one-line list dataset with the same model
@@ -669,8 +672,10 @@ def test_every_table_row_names_timestep_sigma_and_model_timestep(tmp_path, tiny_
     shards = [run(tmp_path, tiny_dir, dataset, {"timestep": t, "seed": "0", "slice": "0of1"}, save_token_scores=True)
               for t in ("250", "600")]
     tables = P.SD3TextGrad().merge(shards)
-    pooled_over_t = tables.pop("blocks_all_timesteps")  # aggregate rows: their own table, no timestep columns
-    assert set(pooled_over_t["timestep_convention"]) == {"note"} and "timestep_index" not in pooled_over_t
+    for aggregate in ("blocks_all_timesteps", "pooled"):  # rows pooled over timesteps: their own tables
+        pooled_over_t = tables.pop(aggregate)
+        assert set(pooled_over_t["timestep_convention"]) == {"note"} and "timestep_index" not in pooled_over_t
+        assert set(pooled_over_t["model"]) == {shards[0].model}
     assert (tables["blocks"]["timestep_index"].astype(str) != "all").all()
     for name, df in tables.items():
         assert set(df["model"]) == {shards[0].model}, name

@@ -21,7 +21,15 @@ from typing import Any, Mapping
 
 __all__ = ["HookPoint", "register", "table", "name", "resolve", "get_module", "markdown_table", "BUILTIN_FAMILIES"]
 
-BUILTIN_FAMILIES = ("dinov3", "sd3", "sdxl", "wan")
+
+def _builtin_families() -> tuple[str, ...]:
+    from layerscope.model_configs import family_manifest, family_names
+
+    return tuple(f for f in family_names() if family_manifest(f).get("HOOKS"))
+
+
+# the package's families that publish a hook table (read from their source, no torch)
+BUILTIN_FAMILIES = _builtin_families()
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,15 @@ def allow_patterns(model_cfg: Mapping[str, Any]) -> list[str]:
         return ["model_index.json", *_sub(subs)]
     if fam == "sdxl":
         return ["model_index.json", *_sub(["unet", "vae", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"])]
-    return ["*"]
+    return _declared_files(fam)
+
+
+def _declared_files(family: str) -> list[str]:
+    """Another family's ``HUB_FILES`` (glob patterns, read from its module's source); everything
+    in the repository when it declares none."""
+    from layerscope.model_configs import family_manifest
+
+    return [str(p) for p in family_manifest(family).get("HUB_FILES", ["*"])]
 
 
 def ignore_patterns(model_cfg: Mapping[str, Any]) -> list[str]:
@@ -78,7 +86,12 @@ def ignore_patterns(model_cfg: Mapping[str, Any]) -> list[str]:
 
 def marker_file(model_cfg: Mapping[str, Any]) -> str:
     """The file whose presence in the snapshot says the repository was fetched for this family."""
-    return "config.json" if model_cfg["family"] in ("dinov3", "clip") else "model_index.json"
+    fam = model_cfg["family"]
+    if fam in ("dinov3", "clip"):
+        return "config.json"
+    if fam in ("wan", "sd3", "sdxl"):
+        return "model_index.json"
+    return "model_index.json" if "model_index.json" in _declared_files(fam) else "config.json"
 
 
 def hub_models(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -1,9 +1,17 @@
-"""Architecture facts read without torch: a model's block-indexed config and depth.
+"""Family facts read without torch: which families exist, what each declares, a model's depth.
 
 Pure Python (json and ast only): the planner runs at Snakefile parse time and the probes check
 layer indices against the depth before any model loads, so neither may pay for importing torch
 or touching weights. The family modules under :mod:`layerscope.models` import torch; their
-``TINY_ARCHS`` tables are therefore read from source, not imported.
+module-level declarations are therefore read from source, not imported:
+
+* a family is any ``layerscope/models/<name>.py`` defining top-level ``load`` and ``build_tiny``
+  (adding the file is the registration: no list elsewhere names it);
+* ``HOOKS`` (canonical name -> ``HookPoint(module, shape, what, probes)``): the probes a family
+  serves are those its hook table names;
+* ``TINY_ARCHS``, ``WEIGHT_KEYS`` (the per-model weight settings its loader reads),
+  ``BLOCKS_CONFIG`` (where the config of the block-indexed network lives) and ``HUB_FILES``
+  (what ``fetch`` downloads) - see docs/adding-a-model-family.md.
 """
 
 from __future__ import annotations
@@ -15,7 +23,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["tiny_archs", "arch_config", "model_depth"]
+__all__ = ["family_names", "family_manifest", "check_family", "families_serving", "tiny_archs", "weight_keys", "arch_config", "model_depth"]
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+_HOOKPOINT_FIELDS = ("module", "shape", "what", "probes")
 
 
 def _static_eval(node: ast.AST, env: Mapping[str, Any]) -> Any:
@@ -23,6 +34,10 @@ def _static_eval(node: ast.AST, env: Mapping[str, Any]) -> Any:
     names bound earlier, subscripts and + of those. Anything else is unknown (raises ValueError)."""
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
         return {kw.arg: _static_eval(kw.value, env) for kw in node.keywords if kw.arg}
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "HookPoint":
+        point = dict(zip(_HOOKPOINT_FIELDS, (_static_eval(a, env) for a in node.args)))
+        point.update({kw.arg: _static_eval(kw.value, env) for kw in node.keywords if kw.arg})
+        return point  # a HookPoint's fields as a dict
     if isinstance(node, ast.Dict):  # {**base, key: value}: spreads merge in order, as Python does
         out: dict[Any, Any] = {}
         for k, v in zip(node.keys, node.values):
@@ -45,16 +60,42 @@ def _static_eval(node: ast.AST, env: Mapping[str, Any]) -> Any:
     return ast.literal_eval(node)
 
 
+def _is_family(tree: ast.Module) -> bool:
+    defs = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    return {"load", "build_tiny"} <= defs
+
+
 @lru_cache(maxsize=None)
-def tiny_archs(family: str) -> dict[str, Any]:
-    """A family's ``TINY_ARCHS`` read from its module's source (the modules import torch, the
-    planner must not): entries that are not plain literals come back partially or not at all."""
-    src = Path(__file__).resolve().parent / "models" / f"{family}.py"
-    env: dict[str, Any] = {}
+def _parsed(family: str) -> ast.Module | None:
+    if not family.isidentifier() or family.startswith("_"):
+        return None
     try:
-        tree = ast.parse(src.read_text())
+        return ast.parse((MODELS_DIR / f"{family}.py").read_text())
     except (OSError, SyntaxError):
+        return None
+
+
+@lru_cache(maxsize=None)
+def family_names() -> tuple[str, ...]:
+    """Every model family of the package, sorted: the modules under ``layerscope/models/`` that
+    define ``load`` and ``build_tiny`` (helper modules such as ``wan_sampler`` define neither)."""
+    names = []
+    for f in sorted(MODELS_DIR.glob("*.py")):
+        tree = _parsed(f.stem)
+        if tree is not None and _is_family(tree):
+            names.append(f.stem)
+    return tuple(names)
+
+
+@lru_cache(maxsize=None)
+def family_manifest(family: str) -> dict[str, Any]:
+    """The module-level literal declarations of a family's module (``TINY_ARCHS``, ``HOOKS`` with
+    each ``HookPoint`` as a dict, ``WEIGHT_KEYS``, ...), read from source: names whose value is
+    not a plain literal are absent. ``{}`` for a name that is no family module."""
+    tree = _parsed(family)
+    if tree is None or not _is_family(tree):
         return {}
+    env: dict[str, Any] = {}
     for node in tree.body:
         targets = [node.target] if isinstance(node, ast.AnnAssign) else getattr(node, "targets", [])
         value = getattr(node, "value", None)
@@ -68,18 +109,51 @@ def tiny_archs(family: str) -> dict[str, Any]:
                 env[target.value.id][_static_eval(target.slice, env)] = _static_eval(value, env)  # NAME[key] = ...
         except (ValueError, KeyError, TypeError, SyntaxError):
             continue
-    archs = env.get("TINY_ARCHS")
+    return env
+
+
+def check_family(name: str, family: str) -> None:
+    """ConfigError naming ``models.<name>.family`` (with the closest family) unless it is one."""
+    import difflib
+
+    from layerscope.errors import ConfigError
+
+    known = family_names()
+    if family not in known:
+        close = difflib.get_close_matches(family, known, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"config field models.{name}.family: unknown model family '{family}'{hint} "
+                          f"(families: {', '.join(known)}; a family is a module in layerscope/models)")
+
+
+def tiny_archs(family: str) -> dict[str, Any]:
+    """A family's ``TINY_ARCHS`` (name -> config dict), ``{}`` when it has none."""
+    archs = family_manifest(family).get("TINY_ARCHS")
     return archs if isinstance(archs, dict) else {}
 
 
-# the config of the network whose blocks the probes index, per family: (tiny-arch key, folder files)
-_DENOISER = {
-    "dinov3": (None, ("config.json",)),
-    "sd3": ("transformer", ("transformer/config.json",)),
-    "wan": (None, ("transformer/config.json", "config.json")),
-    "sdxl": ("unet", ("unet/config.json", "config.json")),
-    "clip": (None, ("config.json",)),
-}
+def weight_keys(family: str) -> tuple[str, ...]:
+    """The per-model weight settings (``lora``, ``checkpoint``, ...) the family's loader reads: a
+    model setting only these read and this family does not is a config error, never ignored."""
+    return tuple(family_manifest(family).get("WEIGHT_KEYS", ()))
+
+
+def families_serving(probe: str) -> tuple[str, ...]:
+    """The families whose hook table names ``probe``: the families the probe accepts."""
+    out = []
+    for fam in family_names():
+        hooks = family_manifest(fam).get("HOOKS")
+        if isinstance(hooks, dict) and any(probe in tuple(p.get("probes", ())) for p in hooks.values() if isinstance(p, dict)):
+            out.append(fam)
+    return tuple(out)
+
+
+def _blocks_config(family: str) -> tuple[str | None, tuple[str, ...]]:
+    """(key of the block-indexed network's config inside a tiny arch, files holding it in a saved
+    folder), from the family's ``BLOCKS_CONFIG``; default: the tiny arch itself and config.json."""
+    bc = family_manifest(family).get("BLOCKS_CONFIG")
+    bc = bc if isinstance(bc, dict) else {}
+    return bc.get("tiny_key"), tuple(bc.get("files", ("config.json",)))
 
 
 def arch_config(model_cfg: Mapping[str, Any], workdir: str | os.PathLike = ".") -> dict[str, Any] | None:
@@ -87,7 +161,7 @@ def arch_config(model_cfg: Mapping[str, Any], workdir: str | os.PathLike = ".") 
     a local folder's config.json, or a hub checkpoint's config in the local HF cache; None when it
     cannot be read without weights or network (then the shard job checks)."""
     family = str(model_cfg.get("family"))
-    key, files = _DENOISER.get(family, (None, ("config.json",)))
+    key, files = _blocks_config(family)
     kind = model_cfg.get("kind")
     if kind == "tiny":
         arch = tiny_archs(family).get(str(model_cfg.get("arch")))

@@ -63,7 +63,7 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
-from layerscope.model_configs import _static_eval, arch_config, model_depth, tiny_archs  # noqa: E402,F401  (re-exported)
+from layerscope.model_configs import _static_eval, arch_config, check_family, model_depth, tiny_archs  # noqa: E402,F401  (re-exported)
 
 
 class Plan:
@@ -114,6 +114,7 @@ class Plan:
         if not NAME_RE.match(name):
             raise ConfigError(f"config field models: model name {json.dumps(name)} is not allowed ({NAME_RULE})")
         out = dict(mcfg)
+        check_family(name, str(mcfg["family"]))
         src = str(mcfg["source"])
         if src.startswith("tiny:"):
             arch = src[5:] or "default"

@@ -109,7 +109,7 @@ def load_pipeline(model_cfg: Mapping[str, Any], device: torch.device, dtype: tor
     family = str(model_cfg.get("family", "sd3"))
     if family != "sd3":
         raise ModelLoadError(f"models.{model_cfg.get('name', '?')}.family: sd3_recon_train fine-tunes SD3 pipelines, got {family!r}")
-    pipe = family_module("sd3").load(model_cfg, device, dtype)
+    pipe = family_module(family).load(model_cfg, device, dtype)
     tr = pipe.transformer
     for name, mod in list(tr.named_modules()):
         if isinstance(mod, BaseTunerLayer):

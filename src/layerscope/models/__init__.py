@@ -1,5 +1,10 @@
-"""Model families. One module per family (as diffusers does), each providing:
+"""Model families. One module per family (as diffusers does); the file is the registration (the
+families are discovered from this folder by :func:`layerscope.model_configs.family_names`, without
+importing torch). Each provides:
 
+* ``HOOKS``: its canonical hook table (docs/hooks.md); the probes it names are the probes it serves;
+* ``WEIGHT_KEYS`` (and optionally ``BLOCKS_CONFIG``, ``HUB_FILES``): literal declarations the
+  planner reads from source;
 * ``TINY_ARCHS``: names of built-in tiny architectures (configs with fixed seeds) for offline studies;
 * ``build_tiny(arch, seed, out_dir)``: build one and ``save_pretrained`` it to ``out_dir``;
 * ``load(model_cfg, device, dtype)``: load from ``model_cfg['path']`` or ``model_cfg['hub_id']``
@@ -20,13 +25,10 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 if TYPE_CHECKING:
     import torch
 
-FAMILIES: dict[str, str] = {
-    "dinov3": "layerscope.models.dinov3",
-    "sdxl": "layerscope.models.sdxl",
-    "clip": "layerscope.models.clip",
-    "wan": "layerscope.models.wan",
-    "sd3": "layerscope.models.sd3",
-}
+from layerscope.model_configs import family_names, weight_keys  # noqa: E402
+
+# family -> module, discovered (a new family is a new file here, nothing else)
+FAMILIES: dict[str, str] = {f: f"{__name__}.{f}" for f in family_names()}
 
 
 from layerscope.errors import ModelLoadError  # noqa: E402  (re-exported)
@@ -100,13 +102,8 @@ def model_dtype(model_cfg: Mapping[str, Any], device: "torch.device") -> "torch.
 
 # Which weight keys each family's loader reads. A key given to a family that does not read it is a
 # config error (the issue's "checkpoint: on DINOv3 silently ignored"), never ignored.
-WEIGHT_KEYS: dict[str, tuple[str, ...]] = {
-    "dinov3": ("lora", "checkpoint", "lora_payload"),
-    "wan": ("lora", "checkpoint", "use_ema", "text_encoder", "text_encoder_revision"),
-    "sd3": ("lora", "checkpoint", "lora_target", "t5"),
-    "sdxl": ("lora",),
-    "clip": (),
-}
+# Each family module declares its own ``WEIGHT_KEYS``.
+WEIGHT_KEYS: dict[str, tuple[str, ...]] = {f: weight_keys(f) for f in FAMILIES}
 ALL_WEIGHT_KEYS = frozenset(k for keys in WEIGHT_KEYS.values() for k in keys)
 
 

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 
 __all__ = ["TINY_ARCHS", "build_tiny", "load", "image_text_cosine"]
 
+# Per-model weight settings this loader reads (models.<name>.<key>); another family's key is refused.
+WEIGHT_KEYS = ()
+
 TINY_ARCHS: dict[str, dict[str, Any]] = {
     "default": {
         "text": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,

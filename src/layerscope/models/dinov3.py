@@ -28,6 +28,9 @@ HOOKS: dict[str, HookPoint] = {
                                                      ("dinov3_channels",)),
 }
 
+# Per-model weight settings this loader reads (models.<name>.<key>); another family's key is refused.
+WEIGHT_KEYS = ("lora", "checkpoint", "lora_payload")
+
 # Tiny architectures for offline studies and tests (real ones load by hub id or path).
 TINY_ARCHS: dict[str, dict[str, Any]] = {
     "default": dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,

@@ -54,6 +54,12 @@ CLIP_SEQ_LEN = 77  # CLIP tokenizers' model_max_length in SD3 (and in the tiny b
 # (32), as SD3 pads 768 + 1280 to 4096.
 _TRANSFORMER = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=8,
                     num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16)
+
+# Per-model weight settings this loader reads (models.<name>.<key>); another family's key is refused.
+WEIGHT_KEYS = ("lora", "checkpoint", "lora_target", "t5")
+# The block-indexed network's config: its key inside a tiny arch, its file(s) in a saved folder.
+BLOCKS_CONFIG = {"tiny_key": "transformer", "files": ("transformer/config.json",)}
+
 TINY_ARCHS: dict[str, dict[str, Any]] = {
     "default": {"transformer": _TRANSFORMER, "t5": True},
     "no_t5": {"transformer": _TRANSFORMER, "t5": False},

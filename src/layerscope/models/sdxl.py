@@ -58,6 +58,12 @@ _TEXT_1 = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_at
                max_position_embeddings=77, projection_dim=16)
 _TEXT_2 = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                max_position_embeddings=77, projection_dim=16)
+
+# Per-model weight settings this loader reads (models.<name>.<key>); another family's key is refused.
+WEIGHT_KEYS = ("lora",)
+# The block-indexed network's config: its key inside a tiny arch, its file(s) in a saved folder.
+BLOCKS_CONFIG = {"tiny_key": "unet", "files": ("unet/config.json", "config.json")}
+
 TINY_ARCHS: dict[str, dict[str, Any]] = {
     # SDXL layout in miniature: plain first down block, cross-attention below it, in the middle
     # and in the first up block (4 attn2 groups; real SDXL has 11).

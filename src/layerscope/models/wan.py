@@ -67,6 +67,11 @@ __all__ = [
     "attention_logits_chunks",
 ]
 
+# Per-model weight settings this loader reads (models.<name>.<key>); another family's key is refused.
+WEIGHT_KEYS = ("lora", "checkpoint", "use_ema", "text_encoder", "text_encoder_revision")
+# The block-indexed network's config: its key inside a tiny arch, its file(s) in a saved folder.
+BLOCKS_CONFIG = {"tiny_key": None, "files": ("transformer/config.json", "config.json")}
+
 # ---------------------------------------------------------------------------------------------
 # tiny architectures (see docs/background/models-and-science.md) and loading
 # ---------------------------------------------------------------------------------------------

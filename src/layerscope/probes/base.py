@@ -44,6 +44,13 @@ class ShardSpec:
     threads: int = 1
     device: str = "auto"
 
+    def family(self) -> Any:
+        """The model's family module (``layerscope.models.<family>``): probes load and call family
+        helpers through it, so a second family serving the probe needs no edit of the probe."""
+        from layerscope.models import family_module
+
+        return family_module(str(self.model_cfg["family"]))
+
     def to_json_dict(self) -> dict[str, Any]:
         return {
             "probe": self.probe,
@@ -138,7 +145,6 @@ class Probe:
 
     name: ClassVar[str]
     axes: ClassVar[tuple[str, ...]] = ("slice",)  # shard axes after 'model', in path order
-    families: ClassVar[tuple[str, ...]] = ()  # model families this probe accepts
     datasets_key: ClassVar[str | None] = "dataset"  # probe config key naming a dataset, if any
     tables: ClassVar[tuple[str, ...]] = ()  # merge outputs: <study root>/<probe>/tables/<model>/<table>.csv (layout.table)
     figures: ClassVar[tuple[str, ...]] = ()  # plot outputs: <study root>/<probe>/figures/<figure>.png (layout.figure)
@@ -166,6 +172,14 @@ class Probe:
     layer_keys: ClassVar[tuple[str, ...]] = ()
 
     # ---- planning (pure Python: no torch) ----
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The model families this probe accepts: those whose hook table (``HOOKS`` in
+        ``layerscope/models/<family>.py``) names it - a new family opts in there, not here."""
+        from layerscope.model_configs import families_serving
+
+        return families_serving(self.name)
+
     def settings(self, probe_cfg: Mapping[str, Any]) -> Any:
         """Typed, immutable settings (a frozen dataclass generated from this probe's schema; lists
         become tuples). The schema is the only declaration of keys and defaults."""

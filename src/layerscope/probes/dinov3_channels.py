@@ -124,7 +124,6 @@ class ChannelAccumulator:
 class DinoV3Channels(Probe):
     name: ClassVar[str] = "dinov3_channels"
     axes: ClassVar[tuple[str, ...]] = ("slice",)
-    families: ClassVar[tuple[str, ...]] = ("dinov3",)
     # per-image rows are accumulated in float64 Welford/Chan moments: the batch only groups images
     exec_keys: ClassVar[tuple[str, ...]] = ("batch_size",)
     tables: ClassVar[tuple[str, ...]] = ("channels", "layers", "outliers")
@@ -147,7 +146,6 @@ class DinoV3Channels(Probe):
 
         from layerscope.data import load_image
         from layerscope.models import model_dtype, resolve_device
-        from layerscope.models.dinov3 import final_norms, load, preprocess
         from layerscope.errors import ConfigError
 
         cfg = spec.settings  # typed; defaults from the schema only
@@ -156,14 +154,15 @@ class DinoV3Channels(Probe):
         device = resolve_device(spec.device)
         mcfg = {"name": spec.model, **spec.model_cfg}  # errors name models.<name>.<field>
         dtype = model_dtype(mcfg, device)
-        model = load(mcfg, device, dtype)
+        fam = spec.family()  # load, final_norms, preprocess: what a family serving this probe provides
+        model = fam.load(mcfg, device, dtype)
         n_layers = model.config.num_hidden_layers
         n_reg = int(getattr(model.config, "num_register_tokens", 0))
         layers = list(range(n_layers)) if cfg.layers == "all" else list(cfg.layers)
         bad = [i for i in layers if i >= n_layers]
         if bad:
             raise ConfigError(f"config field probes.dinov3_channels.layers: {bad} out of range for a {n_layers}-layer model (0..{n_layers - 1})")
-        cls_norm, patch_norm = final_norms(model)
+        cls_norm, patch_norm = fam.final_norms(model)
         eps = float(getattr(model.config, "layer_norm_eps", 1e-5))
         topk = int(cfg.topk)
         size = int(cfg.image_size)
@@ -177,7 +176,7 @@ class DinoV3Channels(Probe):
         with torch.inference_mode():
             for start in range(0, len(records), bs):
                 batch = records[start:start + bs]
-                pix = preprocess([load_image(r.path, size) for r in batch], device, dtype)
+                pix = fam.preprocess([load_image(r.path, size) for r in batch], device, dtype)
                 hs = model(pixel_values=pix, output_hidden_states=True).hidden_states
                 acc.update(hs, np.array([r.image_id for r in batch], dtype=np.int64))
                 prog.update(len(batch))

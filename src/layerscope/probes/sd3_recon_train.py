@@ -76,7 +76,6 @@ def checkpoint_dir(probe_cfg: Mapping[str, Any], model: str, axes: Mapping[str, 
 class SD3ReconTrain(Probe):
     name: ClassVar[str] = "sd3_recon_train"
     axes: ClassVar[tuple[str, ...]] = ("gamma", "target", "seed")
-    families: ClassVar[tuple[str, ...]] = ("sd3",)
     datasets_key: ClassVar[str | None] = "dataset"
     tables: ClassVar[tuple[str, ...]] = ("losses",)
     figures: ClassVar[tuple[str, ...]] = ("loss_curves",)

@@ -17,7 +17,8 @@ image/caption pair, a timestep and a noise seed:
 4. token score ``s = ||dy/dh_i[token]||_2``; per (sample, block): mean strength, top-k mass
    (share of the k largest scores in the total) and the entropy of ``s / sum(s)`` (natural log,
    also divided by ``log n``); and the note's curves, which pool each pair's token scores over
-   its timesteps x seeds before the metrics (table ``pooled``, computed in the merge).
+   its timesteps x seeds before the metrics (table ``pooled``; per timestep, over its seeds only:
+   ``pooled_per_timestep``; both computed in the merge).
 
 Shards: one per (model, timestep, seed, data slice) holding every selected block, with one row
 per sample so merges show the spread over seeds and samples.  Nothing is dropped silently:
@@ -63,10 +64,9 @@ def hook_name(block: int) -> str:
 class SD3TextGrad(Probe):
     name: ClassVar[str] = "sd3_textgrad"
     axes: ClassVar[tuple[str, ...]] = ("timestep", "seed", "slice")
-    families: ClassVar[tuple[str, ...]] = ("sd3",)
     # samples do not interact (per-sample noise, per-sample gradients): the batch is a speed knob
     exec_keys: ClassVar[tuple[str, ...]] = ("batch_size", "memory_budget_mb")
-    tables: ClassVar[tuple[str, ...]] = ("samples", "blocks", "blocks_all_timesteps", "pooled", "tokens")
+    tables: ClassVar[tuple[str, ...]] = ("samples", "blocks", "blocks_all_timesteps", "pooled", "pooled_per_timestep", "tokens")
     figures: ClassVar[tuple[str, ...]] = tuple(FIGURES.values())
     layer_keys: ClassVar[tuple[str, ...]] = ("layers",)
     layout: ClassVar[tuple[GroupLayout, ...]] = (
@@ -104,13 +104,12 @@ class SD3TextGrad(Probe):
         from layerscope.errors import ConfigError
 
         ps = self.settings(probe_cfg)  # typed; defaults from the schema only
-        from layerscope.models import resolve_device, resolve_dtype
-        from layerscope.models.sd3 import load
+        from layerscope.models import family_module, model_dtype, resolve_device
 
         field = f"probes.{self.name}"
         device = resolve_device(device_name)
-        dtype = resolve_dtype(model_cfg.get("dtype", "fp32"), device)
-        pipe = load(model_cfg, device, dtype)
+        dtype = model_dtype(model_cfg, device)  # auto: the checkpoint's own dtype on a GPU, fp32 on CPU
+        pipe = family_module(str(model_cfg["family"])).load(model_cfg, device, dtype)
         tr = pipe.transformer
         n_layers = len(tr.transformer_blocks)
         blocks = list(range(n_layers)) if ps.layers == "all" else [int(b) for b in ps.layers]
@@ -278,21 +277,27 @@ class SD3TextGrad(Probe):
             tokens = t[tok_cols]
         else:
             tokens = pd.DataFrame(columns=tok_cols)
-        pooled = self._pooled_table(pool, topk) if pooled_on else pd.DataFrame(columns=POOLED_COLS)
-        # every table row names its timestep as configured, the convention, sigma and the model timestep
-        # ('all' rows pool several timesteps: NaN there)
+        both = self._pooled_table(pool, topk) if pooled_on else pd.DataFrame(columns=POOLED_COLS)
+        # the note's curves (pooled over every timestep) and the same per timestep: two tables, so
+        # timestep_index never mixes integers with an 'all' marker
+        is_all = both["timestep_index"].astype(str) == "all"
+        pooled = both[is_all].drop(columns="timestep_index").reset_index(drop=True)
+        pooled_t = both[~is_all].reset_index(drop=True)
+        pooled_t["timestep_index"] = pooled_t["timestep_index"].map({str(k): k for k in samples["timestep_index"].unique()})
+        # every per-timestep row names its timestep as configured, the convention, sigma and the model timestep
         conv = str(samples["timestep_convention"].iloc[0])
         per_t = samples.drop_duplicates("timestep_index").set_index("timestep_index")[["timestep", "sigma"]]
         lookup = {str(k): (float(v.timestep), float(v.sigma)) for k, v in per_t.iterrows()}
-        for df in (blocks, pooled, tokens):
+        for df in (blocks, pooled_t, tokens):
             keys = df["timestep_index"].astype(str)
             pos = df.columns.get_loc("timestep_index") + 1
             df.insert(pos, "sigma", [lookup.get(k, (np.nan, np.nan))[1] for k in keys])
             df.insert(pos, "timestep", [lookup.get(k, (np.nan, np.nan))[0] for k in keys])
             df.insert(0, "timestep_convention", conv)
-        blocks_all.insert(0, "timestep_convention", conv)
+        for df in (blocks_all, pooled):
+            df.insert(0, "timestep_convention", conv)
         return with_model(shards, {"samples": samples, "blocks": blocks, "blocks_all_timesteps": blocks_all,
-                                   "pooled": pooled, "tokens": tokens})
+                                   "pooled": pooled, "pooled_per_timestep": pooled_t, "tokens": tokens})
 
     @staticmethod
     def _pooled_table(pool: Mapping[tuple[int, int], list], topk: int) -> "pd.DataFrame":

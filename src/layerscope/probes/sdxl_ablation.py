@@ -67,7 +67,6 @@ class SdxlAblation(Probe):
 
     name: ClassVar[str] = "sdxl_ablation"
     axes: ClassVar[tuple[str, ...]] = ("group", "prompt", "seed")
-    families: ClassVar[tuple[str, ...]] = ("sdxl",)
     datasets_key: ClassVar[str | None] = None
     tables: ClassVar[tuple[str, ...]] = ("scores", "images")
     figures: ClassVar[tuple[str, ...]] = ("comparison_grid", "scores")
@@ -164,12 +163,12 @@ class SdxlAblation(Probe):
         import numpy as np
         import torch
 
-        from layerscope.models import resolve_device, resolve_dtype
-        from layerscope.models import sdxl as fam
+        from layerscope.models import model_dtype, resolve_device
 
+        fam = spec.family()
         cfg = spec.settings  # typed; defaults from the schema only
         device = resolve_device(spec.device)
-        dtype = resolve_dtype(str(spec.model_cfg.get("dtype", "fp32")), device)
+        dtype = model_dtype({"name": spec.model, **spec.model_cfg}, device)  # auto: the checkpoint's dtype on a GPU
         target = spec.axes["group"]
         label = spec.axes["prompt"]
         prompts = list(cfg.prompts)

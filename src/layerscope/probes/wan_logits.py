@@ -101,7 +101,6 @@ def sink_metrics(mean_logit: Any, mass: Any, chunk_start: int, first_k: int) -> 
 class WanLogits(Probe):
     name: ClassVar[str] = "wan_logits"
     axes: ClassVar[tuple[str, ...]] = ("layers", "step", "seed")
-    families: ClassVar[tuple[str, ...]] = ("wan",)
     datasets_key: ClassVar[str | None] = None
     tables: ClassVar[tuple[str, ...]] = ("frame_profile", "sink_metrics")
     figures: ClassVar[tuple[str, ...]] = ("frame_logits", "frame_mass", "sink_heatmaps")
@@ -179,13 +178,13 @@ class WanLogits(Probe):
 
         from layerscope.h5io import atomic_path
         from layerscope.models import model_dtype, resolve_device
-        from layerscope.models import wan
         from layerscope.stats import Moments
 
         cfg = spec.settings
         device = resolve_device(spec.device)
         mcfg = {"name": spec.model, **spec.model_cfg}  # errors name models.<name>.<field>
         dtype = model_dtype(mcfg, device)
+        wan = spec.family()
         bundle = wan.load(mcfg, device, dtype)
         tr = bundle.transformer
         layers = parse_layers(spec.axes["layers"], len(tr.blocks))
