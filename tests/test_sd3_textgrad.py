@@ -685,3 +685,47 @@ def test_every_table_row_names_timestep_sigma_and_model_timestep(tmp_path, tiny_
         assert len(per) and np.allclose(per["sigma"].astype(float), per["timestep_index"].astype(float) / 1000), name
         assert np.allclose(per["timestep"].astype(float), per["timestep_index"].astype(float)), name
         assert df[df["timestep_index"].astype(str) == "all"]["sigma"].isna().all(), name
+
+
+def _curve_tables(pooled_rows: bool):
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    samples = pd.DataFrame([{"model": m, "line": f"step {t}", "timestep_index": t, "seed": s, "image_id": i, "block": b,
+                             "strength": rng.uniform(1, 2), "topk_mass": rng.uniform(), "entropy": rng.uniform(1, 2),
+                             "nonfinite": 0}
+                            for m in ("a", "b") for t in (200, 800) for s in (0, 1) for i in range(3) for b in range(4)])
+    pooled = pd.DataFrame([{"model": m, "block": b, "pairs": 3, "samples_per_pair": 4, "nonfinite": 0,
+                            **{k: v for metric in ("strength", "topk_mass", "entropy")
+                               for k, v in ((metric, rng.uniform(1, 2)), (f"{metric}_ci_low", 0.9), (f"{metric}_ci_high", 2.1))}}
+                           for m in ("a", "b") for b in range(4)]) if pooled_rows else pd.DataFrame(columns=["model"])
+    per_t = pd.DataFrame([{"model": m, "timestep_index": t, "block": b, "pairs": 3, "samples_per_pair": 2,
+                           "strength": 5.0 + t, "topk_mass": 0.5, "entropy": 1.0} for m in ("a", "b") for t in (200, 800)
+                          for b in range(4)])
+    return {"samples": samples, "pooled": pooled, "pooled_per_timestep": per_t}
+
+
+def test_figures_draw_the_notes_pooled_curves_by_default(tmp_path):
+    """The figure's solid line per model is the pooled table's value at each block (the note's
+    curve), its band the table's t interval; per-timestep pooled curves are the dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from layerscope.probes import textgrad_plots as TP
+
+    t = _curve_tables(True)
+    fig = TP._pooled_figure(t, "topk_mass", "")
+    lines = [ln for ln in fig.axes[0].get_lines() if ln.get_label().endswith("pooled over all timesteps x seeds")]
+    assert len(lines) == 2
+    for ln in lines:
+        m = ln.get_label().split(":")[0]
+        want = t["pooled"][t["pooled"]["model"] == m].sort_values("block")["topk_mass"].to_numpy()
+        np.testing.assert_array_equal(ln.get_ydata(), want)
+    dashed = [ln for ln in fig.axes[0].get_lines() if "timestep" in ln.get_label() and "over its seeds" in ln.get_label()]
+    assert len(dashed) == 4 and {ln.get_linestyle() for ln in dashed} == {"--"}
+    assert "note's curve" in fig.axes[0].get_title() and "3 pair(s)" in fig.axes[0].get_title()
+    # without pooled rows (pooled_curves: false) the per-row view, titled so
+    fig2 = TP._per_row_figure(_curve_tables(False)["samples"], "topk_mass", "")
+    assert "pooled_curves: false" in fig2.axes[0].get_title() and "2 seed(s) x 3 sample(s)" in fig2.axes[0].get_title()
+    TP.plot_curves(_curve_tables(True), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{f}{s}" for f in TP.FIGURES.values() for s in (".pdf", ".png"))

@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from layerscope.plots import save_figure
 from layerscope.probes.base import GroupLayout, Probe, ShardSpec, with_model
 
 if TYPE_CHECKING:
@@ -53,7 +52,7 @@ from layerscope.probes.textgrad_metrics import (  # noqa: E402,F401  (pure numpy
 
 POOLED_COLS = ["timestep_index", "block", "hook", "pairs", "samples_per_pair", "nonfinite"] + [
     f"{m}{suffix}" for m in ("strength", "topk_mass", "entropy") for suffix in ("_n", "", "_ci_low", "_ci_high")]
-FIGURES = {"strength": "grad_strength_curve", "topk_mass": "grad_topk_mass_curve", "entropy": "grad_entropy_curve"}
+from layerscope.probes.textgrad_plots import FIGURES  # noqa: E402  (the note's three figure names)
 
 
 def hook_name(block: int) -> str:
@@ -361,37 +360,8 @@ class SD3TextGrad(Probe):
 
     # ------------------------------------------------------------------ plot
     def plot(self, tables: dict[str, "pd.DataFrame"], fig_dir: Path, caption: str = "") -> None:
-        import matplotlib
+        """The note's three curves (``pooled``), or per-row means with ``pooled_curves: false``:
+        :mod:`layerscope.probes.textgrad_plots`."""
+        from layerscope.probes.textgrad_plots import plot_curves
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import seaborn as sns
-
-        sns.set_theme(style="whitegrid", context="paper")
-        fig_dir = Path(fig_dir)
-        s = tables["samples"]
-        several = s["line"].nunique() > 1
-        labels = {"strength": "mean token gradient norm (||dy/dh||_2)", "topk_mass": "top-k mass (fraction, 0-1)",
-                  "entropy": "entropy (nats)"}
-        for metric, fname in FIGURES.items():
-            d = s[np.isfinite(s[metric].astype(float))]
-            fig, ax = plt.subplots(figsize=(8, 3.8))
-            sns.lineplot(data=d, x="block", y=metric, hue="model", style="line" if several else None, markers=True,
-                         dashes=True, errorbar=("ci", 95), n_boot=500, seed=0, ax=ax)
-            if metric == "strength":
-                ax.set_yscale("log")
-            ax.set_xlabel("MMDiT block index i (hook blocks.i.hook_text_grad)")
-            ax.set_ylabel(labels[metric])
-            n_seeds = d["seed"].nunique()
-            n_img = d["image_id"].nunique()
-            ax.set_title(f"{labels[metric]} of dy/d(text input) per block\n"
-                         f"95% CI over {n_seeds} seed(s) x {n_img} sample(s) {caption}".strip(), fontsize=9)
-            ax.xaxis.get_major_locator().set_params(integer=True)
-            from layerscope.plots import mark_nonfinite
-
-            mark_nonfinite(ax, s, "block")
-            if ax.get_legend() is not None:
-                sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-            fig.tight_layout()
-            save_figure(fig, fig_dir / f"{fname}.png", dpi=120)
-            plt.close(fig)
+        plot_curves(tables, fig_dir, caption)
