@@ -71,11 +71,13 @@ def test_every_figure_of_the_report_loads_in_chromium(report, browser):
     wd = report.parent
     summary, problems = check_report.check(report, workdir=wd, browser=browser)
     assert problems == [], "\n".join(problems)
-    from layerscope.probes import get_probe
+    from layerscope.plan import plan_from_file
 
-    probes = yaml.safe_load((wd / "study.yaml").read_text())["probes"]
-    declared = sorted(f"results/default/{p}/figures/{f}.png" for p in probes for f in get_probe(p).figures)
+    # the report shows each figure the plan names as its PNG (its PDF copy is declared, not shown)
+    plan = plan_from_file(wd / "study.yaml", wd)
+    declared = sorted(plan.layout.figure(p, f) for p in plan.probes for f in plan.figure_names(p))
     assert declared and sorted(summary["figures"]) == declared
+    assert all((wd / plan.layout.figure_vector(p, f)).is_file() for p in plan.probes for f in plan.figure_names(p))
     for path, fig in summary["figures"].items():
         assert (fig["width"], fig["height"]) == check_report.png_size(wd / path)
 

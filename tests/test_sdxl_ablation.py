@@ -398,3 +398,84 @@ def test_batched_shards_equal_one_at_a_time_images_tables_and_figures(workdir, m
 
     with pytest.raises(ShardError, match="duplicate"):
         probe.merge([Shard(p) for p in pa + pb])
+
+
+# ---- figures: the plot step writes exactly the figures the plan declares ------------------------
+
+def fake_tables(root: Path, panels: dict[str, list[str]], seeds=(0, 1)) -> list[Path]:
+    """Merged tables (images.csv, scores.csv) per model without any model: random 8x8 PNGs, the
+    columns the plot reads. ``panels``: model -> the prompt labels its tables hold."""
+    import pandas as pd
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    dirs = []
+    for m, labels in panels.items():
+        d = root / "tables" / m
+        d.mkdir(parents=True)
+        img_rows, score_rows = [], []
+        for p in labels:
+            for s in seeds:
+                for order, g in enumerate(["down_blocks.1.attentions.0", *CONTROLS]):
+                    png = root / "images" / m / f"group-{g}__prompt-{p}__seed-{s}.png"
+                    png.parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(png)
+                    row = {"model": m, "group": g, "prompt": p, "prompt_text": f"text of {p}", "seed": s, "order": order}
+                    img_rows.append({**row, "shard": "x.h5", "png": str(png)})
+                    score_rows.append({**row, "ssim_to_all": 1.0 if g == "all" else rng.uniform(-1, 1)})
+        pd.DataFrame(img_rows).to_csv(d / "images.csv", index=False)
+        pd.DataFrame(score_rows).to_csv(d / "scores.csv", index=False)
+        dirs.append(d)
+    return dirs
+
+
+def declared(tmp_path: Path, models: list[str], prompts: list[str]) -> dict[str, str | None]:
+    cfg = config(groups=["down_blocks.1.attentions.0"], prompts=prompts)
+    cfg["models"].update({m: {"family": "sdxl", "source": "tiny:default"} for m in models})
+    cfg["probes"]["sdxl_ablation"]["models"] = models
+    return Plan(cfg, tmp_path).figure_names("sdxl_ablation")
+
+
+def test_plot_writes_exactly_the_declared_figures_for_two_models_and_two_prompts(tmp_path):
+    from layerscope.cli import main
+
+    names = declared(tmp_path, ["sdxl_tiny", "sdxl-b"], PROMPTS)
+    grids = {f"comparison_grid-{m}-{p}": m for m in ("sdxl_tiny", "sdxl-b") for p in ("p0", "p1")}
+    assert names == {"comparison_grid": None, "scores": None, **grids}
+    dirs = fake_tables(tmp_path, {"sdxl_tiny": ["p0", "p1"], "sdxl-b": ["p0", "p1"]})
+    fig = tmp_path / "figures"
+    rc = main(["plot", "--probe", "sdxl_ablation", "--out-dir", str(fig), "--caption", "(test)",
+               "--figures", ",".join(names), *map(str, dirs)])
+    assert rc == 0
+    assert sorted(p.name for p in fig.iterdir()) == sorted(f"{n}.{e}" for n in names for e in ("png", "pdf"))
+    for n in names:  # a real PNG and a real PDF each; a grid's size follows its panel (3 groups x 2 seeds)
+        assert (fig / f"{n}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (fig / f"{n}.pdf").read_bytes()[:5] == b"%PDF-"
+    from PIL import Image
+
+    w, h = Image.open(fig / "comparison_grid-sdxl-b-p1.png").size
+    assert (w, h) == (round(3 * 1.3 * 150), round((2 * 1.3 + 0.6) * 150))
+
+
+def test_plot_fails_on_a_declared_grid_it_cannot_draw_and_on_an_undeclared_one(tmp_path):
+    from layerscope.errors import DataError
+    from layerscope.merge import plot_from_tables
+
+    # stale tables: the plan has two prompts, model sdxl-b's tables only p0
+    names = declared(tmp_path, ["sdxl_tiny", "sdxl-b"], PROMPTS)
+    dirs = fake_tables(tmp_path / "a", {"sdxl_tiny": ["p0", "p1"], "sdxl-b": ["p0"]})
+    fig = tmp_path / "a" / "figures"
+    with pytest.raises(DataError, match=r"declared figure file\(s\) not drawn: comparison_grid-sdxl-b-p1\.png, "
+                                        r"comparison_grid-sdxl-b-p1\.pdf .*rerun the sdxl_ablation_merge rule"):
+        plot_from_tables("sdxl_ablation", dirs, fig, "", names)
+    assert list(fig.iterdir()) == []  # nothing half-written, no scratch folder left
+    # a panel the plan did not declare (one prompt planned, tables hold two): refused, nothing written
+    names = declared(tmp_path, ["sdxl_tiny"], PROMPTS[:1])
+    dirs = fake_tables(tmp_path / "b", {"sdxl_tiny": ["p0", "p1"]})
+    fig = tmp_path / "b" / "figures"
+    with pytest.raises(DataError, match=r"undeclared figure file\(s\) drawn: comparison_grid-sdxl_tiny-p1\.pdf, "
+                                        r"comparison_grid-sdxl_tiny-p1\.png"):
+        plot_from_tables("sdxl_ablation", dirs, fig, "", names)
+    assert list(fig.iterdir()) == []
+    # without the plan's names only the static figures are declared: the grids are refused too
+    with pytest.raises(DataError, match=r"undeclared figure file\(s\) drawn: comparison_grid-sdxl_tiny-p0\.pdf"):
+        plot_from_tables("sdxl_ablation", dirs, fig, "")

@@ -256,8 +256,8 @@ def test_default_study_under_slurm_matches_local_run(slurm_cluster, tmp_path):
     assert tables == sorted(p.relative_to(cluster) for p in cluster.glob("results/*/*/tables/*/*.csv"))
     for t in tables:
         pd.testing.assert_frame_equal(pd.read_csv(local / t), pd.read_csv(cluster / t), check_exact=False, rtol=1e-9)
-    figures = sorted(p.relative_to(cluster) for p in cluster.glob("results/*/*/figures/*.png"))
-    assert figures and figures == sorted(p.relative_to(local) for p in local.glob("results/*/*/figures/*.png"))
+    figures = sorted(p.relative_to(cluster) for p in cluster.glob("results/*/*/figures/*.p[nd][gf]"))  # PNG + PDF
+    assert figures and figures == sorted(p.relative_to(local) for p in local.glob("results/*/*/figures/*.p[nd][gf]"))
 
     # the report of the cluster run (built on the login node) shows every figure in a browser;
     # caption wording is tests/test_report.py's business
@@ -267,9 +267,11 @@ def test_default_study_under_slurm_matches_local_run(slurm_cluster, tmp_path):
     if check_report.find_browser() is not None:
         summary, problems = check_report.check(cluster / "report.html", workdir=cluster)
         assert [p for p in problems if "caption" not in p] == [], problems
-        from layerscope.probes import get_probe
+        from layerscope.plan import plan_from_file
 
-        declared = sorted(f"results/default/{p}/figures/{f}.png" for p in study["probes"] for f in get_probe(p).figures)
+        # every figure the plan names (sdxl_ablation: also one grid per model and prompt), as its PNG
+        plan = plan_from_file(cfg, cluster)
+        declared = sorted(plan.layout.figure(p, f) for p in plan.probes for f in plan.figure_names(p))
         assert sorted(summary["figures"]) == declared
 
 

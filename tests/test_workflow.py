@@ -165,3 +165,54 @@ def test_bad_config_fails_dry_run_with_field_named(tmp_path, study):
     r = run_snakemake(tmp_path, "-n", config=tmp_path / "bad.yaml", check=False)
     assert r.returncode != 0
     assert "config field models.dinov3_tiny.source: path '/nonexistent/dinov3' does not exist" in r.stdout + r.stderr
+
+
+def figure_study(wd: Path, repo: Path) -> Path:
+    """config.yaml (every probe) with sdxl_ablation on two models (one with a '-' in its name) and two prompts."""
+    cfg = yaml.safe_load((repo / "config.yaml").read_text())
+    cfg["models"]["sdxl-b"] = {**cfg["models"]["sdxl_tiny"], "seed": 1}
+    cfg["probes"]["sdxl_ablation"].update(models=["sdxl_tiny", "sdxl-b"], prompts=["a red cube", "a blue dog"])
+    (wd / "study.yaml").write_text(yaml.safe_dump(cfg))
+    return wd / "study.yaml"
+
+
+def test_every_figure_rule_declares_png_and_pdf_of_each_figure_and_each_sdxl_grid(tmp_path, repo):
+    """Every file a figure rule writes is its declared output (Snakemake's --summary: output file ->
+    rule, without running anything): each figure's PNG and PDF, and sdxl_ablation's grid per (model,
+    prompt label) besides its two static figures."""
+    from layerscope.probes import get_probe
+
+    cfg = figure_study(tmp_path, repo)
+    probes = list(yaml.safe_load(cfg.read_text())["probes"])
+    r = run_snakemake(tmp_path, "--summary", config=cfg)
+    got: dict[str, set[str]] = {}
+    for line in r.stdout.splitlines():
+        parts = line.split("\t")
+        if len(parts) > 2 and parts[2].endswith("_figures"):
+            got.setdefault(parts[2], set()).add(parts[0])
+    grids = [f"comparison_grid-{m}-{p}" for m in ("sdxl_tiny", "sdxl-b") for p in ("p0", "p1")]
+    for p in probes:
+        names = [*get_probe(p).figures, *(grids if p == "sdxl_ablation" else [])]
+        want = {f"results/default/{p}/figures/{n}.{ext}" for n in names for ext in ("png", "pdf")}
+        assert got.get(f"{p}_figures") == want, (p, sorted(got.get(f"{p}_figures", ())), sorted(want))
+    assert len(got["sdxl_ablation_figures"]) == 2 * (2 + 4)
+    # the plot job is told exactly those names (a dry run prints its shell command)
+    r = run_snakemake(tmp_path, "-n", "-p", "results/default/sdxl_ablation/figures/scores.png", config=cfg)
+    cmd = next(ln for ln in r.stdout.splitlines() if "layerscope plot --probe sdxl_ablation" in ln)
+    assert set(re.search(r"--figures (\S+)", cmd).group(1).split(",")) == {"comparison_grid", "scores", *grids}
+
+
+def test_every_figure_has_its_own_caption_stating_its_samples(tmp_path, repo):
+    """Each figure's report caption is its own .rst (a per-model grid: the shared <figure>-model.rst), not
+    the default one, and says how many samples stand behind its error bands (or that it has none)."""
+    from layerscope.plan import plan_from_file
+
+    plan = plan_from_file(figure_study(tmp_path, repo), tmp_path)
+    for p in plan.probes:
+        for name, model in plan.figure_names(p).items():
+            base = repo / "workflow/report" / p
+            rst = base / f"{name}.rst" if model is None else base / f"{name.split('-', 1)[0]}-model.rst"
+            assert rst.is_file(), f"{p}/{name}: no caption {rst.relative_to(repo)}"
+            text = " ".join(rst.read_text().split())
+            assert re.search(r"(CI|deviation|band|bars?)\b.{0,40}\bover\b.{0,80}\| length \}\}|no (confidence|error) band",
+                             text), f"{rst.relative_to(repo)} does not state the samples behind its bands"

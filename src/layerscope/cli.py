@@ -8,7 +8,7 @@
     layerscope run-shard --spec JSON --out SHARD.h5 [--shard LABEL] [--exec JSON]
                                                      one shard (spec as JSON text or @file)
     layerscope merge --probe P --model M [--expect-hash H] --out-dir DIR SHARD...
-    layerscope plot --probe P --out-dir DIR TABLE_DIR...
+    layerscope plot --probe P --out-dir DIR [--figures F,...] TABLE_DIR...
     layerscope inspect SHARD.h5                      provenance of a shard
     layerscope textgrad --prompt P --image IMG --model DIR [--load-ckpt F] --out DIR
                                                      note 000's single-pair mode (SD3 text gradients)
@@ -184,7 +184,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
 def cmd_plot(args: argparse.Namespace) -> None:
     from layerscope.merge import plot_from_tables
 
-    for p in plot_from_tables(args.probe, args.table_dirs, args.out_dir, args.caption):
+    for p in plot_from_tables(args.probe, args.table_dirs, args.out_dir, args.caption, args.figures):
         log.info("wrote %s", p)
 
 
@@ -260,9 +260,8 @@ def cmd_textgrad(args: argparse.Namespace) -> None:
         cfg["layers"] = args.layers
     out = run_pair(args.model, args.prompt, args.image, args.out, timesteps=args.timesteps, seeds=args.seeds,
                    checkpoint=args.load_ckpt, lora=args.lora, dtype=args.precision, device=args.device, probe_cfg=cfg)
-    for kind in ("tables", "figures"):
-        for p in out[kind]:
-            log.info("wrote %s", p)
+    for p in [*out["tables"], *out["figures"]]:
+        log.info("wrote %s", p)
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -306,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--probe", required=True)
     s.add_argument("--out-dir", required=True)
     s.add_argument("--caption", default="")
+    s.add_argument("--figures", type=lambda v: [f for f in v.split(",") if f], help="F,G,...: write exactly these figures")
     s.add_argument("table_dirs", nargs="+")
     s.set_defaults(func=cmd_plot)
 

@@ -11,6 +11,7 @@ in one checkout never share a file, and one study's report shows only its own fi
         <probe>/shards/<model>/<axis>-<v>__....h5      one shard
         <probe>/tables/<model>/<table>.csv             merged tables
         <probe>/figures/<figure>.png                   figures (the report's entries)
+        <probe>/figures/<figure>.pdf                   their vector copies (declared outputs too)
         <probe>/checkpoints/<model>/<shard>/           trained checkpoints (sd3_recon_train)
         logs/..., benchmarks/...                       one log and one benchmark TSV per job
         report.html
@@ -30,8 +31,10 @@ from typing import Mapping
 
 RESULTS = "results"
 DEFAULT_STUDY = "default"
+FIGURE_SUFFIX = ".png"  # the figure the report shows
+VECTOR_SUFFIX = ".pdf"  # its vector copy, written beside it (layerscope.plots.save_figure)
 
-__all__ = ["RESULTS", "DEFAULT_STUDY", "Layout", "user_error_marker", "shard_label", "parse_shard_label", "parse_slice"]
+__all__ = ["RESULTS", "DEFAULT_STUDY", "FIGURE_SUFFIX", "VECTOR_SUFFIX", "Layout", "user_error_marker", "shard_label", "parse_shard_label", "parse_slice"]
 
 
 @dataclass(frozen=True)
@@ -81,8 +84,16 @@ class Layout:
     def figure_dir(self, probe: str) -> str:
         return f"{self.root}/{probe}/figures"
 
-    def figure(self, probe: str, figure: str) -> str:
-        return f"{self.figure_dir(probe)}/{figure}.png"
+    def figure(self, probe: str, figure: str, suffix: str = FIGURE_SUFFIX) -> str:
+        return f"{self.figure_dir(probe)}/{figure}{suffix}"
+
+    def figure_vector(self, probe: str, figure: str) -> str:
+        """The vector copy (PDF) a paper can scale, beside :meth:`figure`'s PNG."""
+        return self.figure(probe, figure, VECTOR_SUFFIX)
+
+    def figure_files(self, probe: str, figure: str) -> list[str]:
+        """Every file one figure is made of: the PNG, then its vector copy."""
+        return [self.figure(probe, figure), self.figure_vector(probe, figure)]
 
     def checkpoints(self, probe: str) -> str:
         """Root of a training probe's checkpoints: ``<root>/<model>/<shard>/``."""

@@ -279,14 +279,29 @@ def nonfinite_summary(table_paths: Iterable[str | Path]) -> list[str]:
     return lines
 
 
-def plot_from_tables(probe: str, table_dirs: Iterable[str | Path], fig_dir: str | Path, caption: str = "") -> list[Path]:
-    """Concatenate every model's tables (adding a 'model' column) and draw the probe's figures."""
+def plot_from_tables(probe: str, table_dirs: Iterable[str | Path], fig_dir: str | Path, caption: str = "",
+                     figures: Iterable[str] | None = None) -> list[Path]:
+    """Concatenate every model's tables (adding a 'model' column) and draw the probe's figures.
+
+    ``figures``: the declared figure names (the figure rule passes the plan's,
+    :meth:`layerscope.plan.Plan.figure_names`; default the probe's static ``figures``). The probe
+    draws into a scratch folder; only if it wrote exactly each declared figure's PNG and PDF
+    (:func:`layerscope.plots.figure_files`), nothing missing and nothing more, are they moved into
+    ``fig_dir``. Otherwise a DataError names the difference and ``fig_dir`` gets nothing: a figure
+    the plan declares but the tables cannot draw (stale tables) is never silently skipped, and a
+    figure nobody declared is never left untracked beside the declared ones."""
+    import shutil
+
     import pandas as pd
 
+    from layerscope.errors import DataError
+    from layerscope.plots import figure_files
+
     p = get_probe(probe)
+    names = list(p.figures if figures is None else figures)
     tables: dict[str, list[pd.DataFrame]] = {t: [] for t in p.tables}
+    table_dirs = [Path(d) for d in table_dirs]
     for d in table_dirs:
-        d = Path(d)
         for t in p.tables:
             f = d / f"{t}.csv"
             if not f.is_file():
@@ -298,17 +313,27 @@ def plot_from_tables(probe: str, table_dirs: Iterable[str | Path], fig_dir: str 
     merged = {t: pd.concat(v, ignore_index=True) for t, v in tables.items()}
     fig_dir = Path(fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
-    tmp_dir = fig_dir / f".partial-figures"
-    tmp_dir.mkdir(exist_ok=True)
-    p.plot(merged, tmp_dir, caption)
-    out = []
-    for f in p.figures:
-        src = tmp_dir / f"{f}.png"
-        if not src.is_file():
-            raise RuntimeError(f"probe {probe} plot did not write {f}.png")
-        src.replace(fig_dir / f"{f}.png")
-        out.append(fig_dir / f"{f}.png")
-    for extra in tmp_dir.iterdir():  # any additional figures the probe drew
-        extra.replace(fig_dir / extra.name)
-    tmp_dir.rmdir()
+    tmp_dir = fig_dir / ".partial-figures"
+    shutil.rmtree(tmp_dir, ignore_errors=True)  # a failed run's leftovers are not this run's figures
+    tmp_dir.mkdir()
+    try:
+        p.plot(merged, tmp_dir, caption)
+        want = [f for n in names for f in figure_files(n)]
+        have = sorted(f.name for f in tmp_dir.iterdir())
+        missing = [f for f in want if f not in have]
+        extra = [f for f in have if f not in want]
+        if missing or extra:
+            raise DataError(
+                f"probe {probe} plot from tables {', '.join(map(str, table_dirs))}: "
+                + (f"declared figure file(s) not drawn: {', '.join(missing)} (tables older than the config? "
+                   f"rerun the {probe}_merge rule)" if missing else "")
+                + ("; " if missing and extra else "")
+                + (f"undeclared figure file(s) drawn: {', '.join(extra)} (declare them in the probe's figure_names)"
+                   if extra else ""))
+        out = []
+        for f in want:
+            (tmp_dir / f).replace(fig_dir / f)
+            out.append(fig_dir / f)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return out

@@ -350,8 +350,13 @@ class Plan:
     def table_paths(self, probe: str, model: str) -> list[str]:
         return [self.layout.table(probe, model, t) for t in self._probes[probe].tables]
 
+    def figure_names(self, probe: str) -> dict[str, str | None]:
+        """Every figure of a probe -> the model it shows alone (None: all); the rule declares them."""
+        return self._probes[probe].figure_names(self.models_of(probe), self.probe_cfg(probe))
+
     def figure_paths(self, probe: str) -> list[str]:
-        return [self.layout.figure(probe, f) for f in self._probes[probe].figures]
+        """Every file the probe's figure rule writes: each figure's PNG and its vector copy."""
+        return [p for f in self.figure_names(probe) for p in self.layout.figure_files(probe, f)]
 
     def targets(self) -> list[str]:
         out: list[str] = []

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+from layerscope.layout import FIGURE_SUFFIX, VECTOR_SUFFIX
+
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.axes import Axes
 
-__all__ = ["mark_nonfinite", "mark_nonfinite_grid", "NONFINITE_LABEL", "save_figure", "VECTOR_SUFFIX", "image_grid", "integer_ticks"]
+__all__ = ["mark_nonfinite", "mark_nonfinite_grid", "NONFINITE_LABEL", "save_figure", "figure_files", "FIGURE_SUFFIX", "VECTOR_SUFFIX", "image_grid", "integer_ticks"]
 
 NONFINITE_LABEL = "non-finite values excluded (count)"
 HATCH_COLOR = "#d62728"
@@ -81,9 +83,6 @@ def mark_nonfinite_grid(grid: Any, df: "pd.DataFrame", x: str, row: str | None =
     return total
 
 
-VECTOR_SUFFIX = ".pdf"
-
-
 def save_figure(fig: Any, png: "str | Path", **savefig_kw: Any) -> None:
     """Write a figure as the declared PNG and, beside it, a vector copy (``.pdf``, same name) a paper
     can scale: text and lines stay vectors, images (sample grids, heatmaps) stay embedded rasters.
@@ -92,8 +91,16 @@ def save_figure(fig: Any, png: "str | Path", **savefig_kw: Any) -> None:
 
     fig = getattr(fig, "figure", fig)
     png = Path(png)
+    if png.suffix != FIGURE_SUFFIX:
+        raise ValueError(f"save_figure: {png} is not a {FIGURE_SUFFIX} path (the figure's declared name)")
     fig.savefig(png, **savefig_kw)
     fig.savefig(png.with_suffix(VECTOR_SUFFIX), **{k: v for k, v in savefig_kw.items() if k != "dpi"})
+
+
+def figure_files(name: str) -> list[str]:
+    """The file names one figure is made of (PNG, then its vector copy): what a plot step must
+    write for each declared figure, and all it may write (layerscope.merge.plot_from_tables)."""
+    return [name + FIGURE_SUFFIX, name + VECTOR_SUFFIX]
 
 
 def image_grid(sub: Any, df: "pd.DataFrame") -> None:

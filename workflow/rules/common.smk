@@ -154,13 +154,32 @@ def figure_caption():
     return f"(study {PLAN.study})"
 
 
-def caption(probe, figure):
-    """Report caption file for a figure (a per-figure .rst, else the probe's)."""
+def caption(probe, figure, model=None):
+    """Report caption file for a figure: its own .rst, else for a figure of one model (named
+    ``<figure>-<model>-...``) the shared ``<figure>-model.rst``, else the probe's, else the default."""
     base = Path(workflow.basedir) / "workflow" / "report"
-    for f in (base / probe / f"{figure}.rst", base / f"{probe}.rst"):
+    own = [base / probe / f"{figure}.rst"]
+    if model is not None:
+        own.append(base / probe / f"{figure.split('-', 1)[0]}-model.rst")
+    for f in (*own, base / f"{probe}.rst"):
         if f.is_file():
             return str(f)
     return str(base / "default.rst")
+
+
+def figure_outputs(probe):
+    """The figure rule's outputs: for every figure the plan names, its PNG (a report entry with
+    its caption, category the probe; where a probe draws figures of one model, subcategory the
+    model, else 'all models') and its PDF vector copy (declared, so tracked and cleaned, but not
+    in the report: the HTML report shows images, and the PNG already shows the same figure)."""
+    names = PLAN.figure_names(probe)
+    per_model = any(m is not None for m in names.values())
+    out = []
+    for f, model in names.items():
+        sub = (model or "all models") if per_model else None
+        out.append(report(LAYOUT.figure(probe, f), caption=caption(probe, f, model), category=probe, subcategory=sub))
+        out.append(LAYOUT.figure_vector(probe, f))
+    return out
 
 
 def shard_dir(probe, model):

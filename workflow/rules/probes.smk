@@ -7,7 +7,9 @@
 #   <probe>_shard    one job per (model, axis values): GPU work -> <probe>/shards/<model>/<shard>.h5
 #                    (inputs: the spec and, for data probes, the one data slice it reads)
 #   <probe>_merge    one job per model: validated shards -> <probe>/tables/<model>/*.csv
-#   <probe>_figures  one job per probe: every model's tables -> <probe>/figures/*.png (in the report)
+#   <probe>_figures  one job per probe: every model's tables -> <probe>/figures/<figure>.png (in the
+#                    report, with its caption) and .pdf (its vector copy), for every figure the plan
+#                    names (Plan.figure_names: the probe's, and e.g. one grid per model and prompt)
 # Every rule has a benchmark: file under benchmarks/ (wall time, max RSS; TSV), and every shard log
 # carries flushed progress lines (`tail -f results/<study>/logs/<probe>/shards/<model>/<shard>.log`).
 
@@ -96,14 +98,8 @@ for _probe, _impl in PLAN.probes.items():
         input:
             lambda w, p=_probe: [t for m in PLAN.models_of(p) for t in PLAN.table_paths(p, m)],
         output:
-            [
-                report(
-                    LAYOUT.figure(_probe, f),
-                    caption=caption(_probe, f),
-                    category=_probe,
-                )
-                for f in _impl.figures
-            ],
+            # every figure of the plan (PNG in the report, PDF beside it): figure_outputs in common.smk
+            figure_outputs(_probe),
         log:
             LAYOUT.log(_probe, "figures"),
         benchmark:
@@ -117,10 +113,12 @@ for _probe, _impl in PLAN.probes.items():
         params:
             probe=_probe,
             out_dir=lambda w, output: os.path.dirname(output[0]),  # LAYOUT.figure_dir
+            # the plot step writes exactly these figures (PNG + PDF each) or fails
+            figures=",".join(PLAN.figure_names(_probe)),
             # sorted: reordering the probe's models: list reruns nothing
             tables=lambda w, p=_probe: [LAYOUT.table_dir(p, m) for m in sorted(PLAN.models_of(p))],
             # the study's name, not the config file's: a copy of the config reruns no figure
             caption=figure_caption(),
         shell:
             "layerscope plot --probe {params.probe} --out-dir {params.out_dir}"
-            " --caption {params.caption:q} {params.tables} > {log} 2>&1"
+            " --caption {params.caption:q} --figures {params.figures} {params.tables} > {log} 2>&1"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 from layerscope.layout import parse_slice  # noqa: E402,F401  (re-exported)
 
@@ -147,7 +147,9 @@ class Probe:
     axes: ClassVar[tuple[str, ...]] = ("slice",)  # shard axes after 'model', in path order
     datasets_key: ClassVar[str | None] = "dataset"  # probe config key naming a dataset, if any
     tables: ClassVar[tuple[str, ...]] = ()  # merge outputs: <study root>/<probe>/tables/<model>/<table>.csv (layout.table)
-    figures: ClassVar[tuple[str, ...]] = ()  # plot outputs: <study root>/<probe>/figures/<figure>.png (layout.figure)
+    # plot outputs: <study root>/<probe>/figures/<figure>.png and .pdf (layout.figure_files); a probe
+    # whose figures depend on its settings (one per model and prompt) adds them in figure_names
+    figures: ClassVar[tuple[str, ...]] = ()
     gpu: ClassVar[bool] = True
     # The layout every shard must have, checked at merge before any number is read (GroupLayout);
     # shards that agree on ``layout_varies_with`` axes must hold the same set of groups, and
@@ -229,6 +231,12 @@ class Probe:
         Declared, so Snakemake removes them on failure and knows which job makes them.
         ``layout``: the study's :class:`layerscope.layout.Layout` (paths come from it)."""
         return {}
+
+    def figure_names(self, models: Sequence[str], probe_cfg: Mapping[str, Any]) -> dict[str, str | None]:
+        """Every figure the plot step writes for these models and settings -> the model it shows
+        alone (None: every model). The figure rule declares exactly these (PNG + PDF, each PNG in
+        the report) and the plot step must write exactly these. Default: the static ``figures``."""
+        return {f: None for f in self.figures}
 
     def check_config(self, probe_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         """Semantic checks beyond the JSON schema; raise ConfigError naming the field."""

@@ -272,7 +272,7 @@ class DinoV3Channels(Probe):
         long = per_layer.melt(id_vars=["model", "layer", "rep", "role"], value_vars=["std", "max_abs"],
                               var_name="statistic", value_name="value")
         g = sns.relplot(data=long, x="layer", y="value", hue="rep", style="model", col="role", row="statistic",
-                        kind="line", markers=True, facet_kws={"sharey": "row"}, height=2.6, aspect=1.4)
+                        kind="line", markers=True, errorbar=None, facet_kws={"sharey": "row"}, height=2.6, aspect=1.4)
         g.set(yscale="log")
         g.set_titles("{row_name} | {col_name}")
         g.set_axis_labels("block (layer index)", "value (activation units)")
@@ -290,7 +290,7 @@ class DinoV3Channels(Probe):
             piv = sub.pivot_table(index="channel", columns="layer", values="max_abs", aggfunc="max")
             top = piv.max(axis=1).sort_values(ascending=False).index[:16]
             sns.heatmap(np.log10(piv.loc[top].clip(lower=1e-6)), ax=ax, cmap="magma",
-                        cbar_kws={"label": "log10 max|x|"})
+                        cbar_kws={"label": "log10 max|x| (log10 activation units)"})
             ax.set_title(f"{m}: top channels by max|x| (pre, patch)")
             ax.set_xlabel("block (layer index)")
             ax.set_ylabel("channel (index)")
@@ -303,7 +303,7 @@ class DinoV3Channels(Probe):
         mag = layers.melt(id_vars=["model", "layer", "rep", "role"], value_vars=["top1", "top2", "top3", "median_abs"],
                           var_name="magnitude", value_name="value")
         g = sns.relplot(data=mag, x="layer", y="value", hue="magnitude", style="model", col="rep", row="role",
-                        kind="line", markers=True, height=2.6, aspect=1.3)
+                        kind="line", markers=True, errorbar=None, height=2.6, aspect=1.3)
         g.set(yscale="log")
         g.set_titles("{row_name} | {col_name}")
         g.set_axis_labels("block (layer index)", "|x| (activation units)")

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 from layerscope.errors import ConfigError
 from layerscope.models.sdxl_ablate import (  # noqa: F401  (the UNet hooks; re-exported)
     ablate_cross_attention, ablate_cross_attention_batched, generate_batched)
-from layerscope.plots import image_grid, save_figure
 from layerscope.probes.base import MOMENTS_LAYOUT, GroupLayout, Probe, ShardSpec, with_model
+from layerscope.probes.sdxl_ablation_plots import GRID, comparison_grid_name, plot_ablation
 
 if TYPE_CHECKING:
     import numpy as np
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from layerscope.h5io import Shard, ShardWriter
 
 __all__ = ["SdxlAblation", "ablate_cross_attention", "ablate_cross_attention_batched", "generate_batched", "CONTROLS", "BATCHED",
-           "GROUP_RE", "prompt_labels"]
+           "GROUP_RE", "prompt_labels", "comparison_grid_name"]
 
 CONTROLS = ("all", "none")  # all: no hooks; none: every group zeroed
 BATCHED = "batched"  # group-axis label of a shard that holds every group of a (prompt, seed)
@@ -69,7 +69,7 @@ class SdxlAblation(Probe):
     axes: ClassVar[tuple[str, ...]] = ("group", "prompt", "seed")
     datasets_key: ClassVar[str | None] = None
     tables: ClassVar[tuple[str, ...]] = ("scores", "images")
-    figures: ClassVar[tuple[str, ...]] = ("comparison_grid", "scores")
+    figures: ClassVar[tuple[str, ...]] = (GRID, "scores")  # + one grid per (model, prompt): figure_names
     # every shard records every attn2 output (kept or zeroed), so all of a model's shards hold the
     # same groups (layout_varies_with = ()); the CLIP score exists when a clip_model is configured
     layout: ClassVar[tuple[GroupLayout, ...]] = (
@@ -81,6 +81,13 @@ class SdxlAblation(Probe):
         """One image per shard, or with batch_groups one per target the shard says it made."""
         abl = shard.json_attr("ablation")
         return [f"image/{t}" for t in abl["targets"]] if abl.get("batched") else ["image"]
+
+    def figure_names(self, models: Sequence[str], probe_cfg: Mapping[str, Any]) -> dict[str, str | None]:
+        """The static figures, then one comparison grid per (model, prompt label): the labels the
+        shards and so the merged tables carry (prompt_labels), named as the plot names them."""
+        labels = prompt_labels(self.settings(probe_cfg).prompts or ())
+        return {**super().figure_names(models, probe_cfg),
+                **{comparison_grid_name(m, p): m for m in models for p in labels}}
 
     # 'prompts' is deliberately NOT an axis key: the prompt text stays in the config hash, so
     # editing or reordering prompts (labels p0, p1, ... are positions) invalidates old shards.
@@ -352,48 +359,5 @@ class SdxlAblation(Probe):
 
     # ---------------------------------------------------------------- plot
     def plot(self, tables: dict[str, "pd.DataFrame"], fig_dir: Path, caption: str = "") -> None:
-        """``comparison_grid.png``: per (model, prompt) a panel, rows seeds, columns groups in
-        forward order then ``all`` and ``none``; also one ``comparison_grid-<model>-<prompt>.png``
-        per panel.  ``scores.png``: each score per group, mean with 95% bootstrap CI over seeds."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import seaborn as sns
-
-        fig_dir = Path(fig_dir)
-        fig_dir.mkdir(parents=True, exist_ok=True)
-        imgs = tables["images"]
-        panels = list(imgs.groupby(["model", "prompt"], sort=True))
-
-        cell = 1.3
-        max_cols = max(df["group"].nunique() for _, df in panels)
-        heights = [df["seed"].nunique() * cell + 0.6 for _, df in panels]
-        fig = plt.figure(figsize=(max_cols * cell, sum(heights)), layout="constrained")
-        subs = fig.subfigures(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
-        for sub, (_, df) in zip(subs, panels):
-            image_grid(sub, df)
-        if caption:
-            fig.supxlabel(caption, fontsize=6)
-        save_figure(fig, fig_dir / "comparison_grid.png", dpi=150)
-        plt.close(fig)
-        for (m, p), df in panels:
-            f = plt.figure(figsize=(df["group"].nunique() * cell, df["seed"].nunique() * cell + 0.6), layout="constrained")
-            image_grid(f, df)
-            save_figure(f, fig_dir / f"comparison_grid-{m}-{p}.png", dpi=150)
-            plt.close(f)
-
-        sc = tables["scores"]
-        value_cols = [c for c in ("ssim_to_all", "clip_cosine") if c in sc.columns]
-        long = sc.melt(id_vars=["model", "group", "prompt", "seed", "order"], value_vars=value_cols,
-                       var_name="score", value_name="value")
-        order = sc.sort_values("order")["group"].drop_duplicates().tolist()
-        g = sns.catplot(data=long, x="group", y="value", hue="model", row="score", col="prompt", kind="point",
-                        order=order, errorbar=("ci", 95), seed=0, sharey="row", height=2.6, aspect=1.6,
-                        dodge=0.3 if sc["model"].nunique() > 1 else False)
-        for ax in g.axes.flat:
-            ax.tick_params(axis="x", labelrotation=60, labelsize=7)
-        g.figure.suptitle("per-group scores, mean and 95% CI over seeds" + (f"\n{caption}" if caption else ""), fontsize=8)
-        g.figure.tight_layout()
-        save_figure(g, fig_dir / "scores.png", dpi=150)
-        plt.close(g.figure)
+        """Comparison grids (all panels, and one per (model, prompt)) and scores: sdxl_ablation_plots."""
+        plot_ablation(tables, fig_dir, caption)

@@ -333,13 +333,15 @@ class WanLogits(Probe):
         for value, fname, ylabel in (("mean_logit", "frame_logits", "query-averaged logit QK^T/sqrt(d) (logit)"),
                                      ("mass", "frame_mass", "query-averaged softmax mass (fraction, 0-1)")):
             g = sns.relplot(data=p, x="key_frame", y=value, hue="head", style="step", col="panel", col_wrap=min(4, p["panel"].nunique()),
-                            kind="line", marker="o", height=2.6, aspect=1.3, palette="tab20", facet_kws={"sharey": False})
+                            kind="line", marker="o", errorbar=None, height=2.6, aspect=1.3, palette="tab20",
+                            facet_kws={"sharey": False})
             g.set_axis_labels("key frame (latent frame index)", ylabel)
             integer_ticks(g)
             g.set_titles("{col_name}")
             g.figure.suptitle(f"Wan last-chunk attention to each key frame ({value}) {caption}".strip(), y=1.02, fontsize=9)
             save_figure(g, fig_dir / f"{fname}.png", dpi=110, bbox_inches="tight")
             plt.close(g.figure)
+        UNITS = {"logit": "logit (QK^T/sqrt(d))", "norm": "normalised entropy (0-1)"}  # colour bars; masses: fraction
         metrics = ["first_frame_mass", "first_k_mass", "current_chunk_mass", "entropy_frames_norm", "first_minus_middle_logit"]
         mlast = mets[mets.groupby(["model", "layer", "step"])["chunk"].transform("max") == mets["chunk"]]
         rows = sorted(mlast.groupby(["model", "step"]).groups)
@@ -348,8 +350,10 @@ class WanLogits(Probe):
             sub = mlast[(mlast["model"] == model) & (mlast["step"] == step)]
             for c, m in enumerate(metrics):
                 mat = sub.pivot_table(index="layer", columns="head", values=m)
-                sns.heatmap(mat, ax=axes[r][c], annot=mat.size <= 64, fmt=".2f", cmap="viridis", cbar=True)
-                axes[r][c].set_title(f"{model} step {step}\n{m}", fontsize=8)
+                sns.heatmap(mat, ax=axes[r][c], annot=mat.size <= 64, fmt=".2f", cmap="viridis", cbar=True,
+                            cbar_kws={"label": UNITS.get(m.rsplit("_", 1)[-1], "fraction (0-1)")})
+                axes[r][c].set(title=f"{model} step {step}\n{m}", xlabel="head (index)", ylabel="layer (block index)")
+                axes[r][c].title.set_fontsize(8)
                 mark_nonfinite(axes[r][c], sub, "head", position=list(mat.columns))
         fig.suptitle(f"Sink metrics per layer x head (last captured chunk) {caption}".strip(), fontsize=9)
         fig.tight_layout()
