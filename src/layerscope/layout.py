@@ -34,7 +34,8 @@ DEFAULT_STUDY = "default"
 FIGURE_SUFFIX = ".png"  # the figure the report shows
 VECTOR_SUFFIX = ".pdf"  # its vector copy, written beside it (layerscope.plots.save_figure)
 
-__all__ = ["RESULTS", "DEFAULT_STUDY", "FIGURE_SUFFIX", "VECTOR_SUFFIX", "Layout", "user_error_marker", "shard_label", "parse_shard_label", "parse_slice"]
+__all__ = ["RESULTS", "DEFAULT_STUDY", "FIGURE_SUFFIX", "VECTOR_SUFFIX", "Layout", "user_error_marker", "shard_label", "parse_shard_label", "parse_slice",
+           "images_dir_of_shard"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,11 @@ class Layout:
     def shard_sidecar(self, probe: str, model: str, shard: str, suffix: str) -> str:
         """A file written beside a shard (e.g. ``.logits.h5``)."""
         return f"{self.shard_dir(probe, model)}/{shard}{suffix}"
+
+    def images_dir(self, probe: str, model: str) -> str:
+        """Images a merge exports (sdxl_ablation: one PNG per generated image); a declared output
+        folder of the merge rule of probes with ``exports_images``."""
+        return f"{self.root}/{probe}/images/{model}"
 
     def table_dir(self, probe: str, model: str) -> str:
         return f"{self.root}/{probe}/tables/{model}"
@@ -162,3 +168,14 @@ def parse_slice(label: str) -> tuple[int, int]:
     if not m or int(m.group(1)) >= int(m.group(2)):
         raise ValueError(f"bad slice label {label!r}: expected IofN with 0 <= I < N")
     return int(m.group(1)), int(m.group(2))
+
+
+def images_dir_of_shard(shard_path: str | os.PathLike) -> str:
+    """The merge's image folder (``Layout.images_dir``) of the (probe, model) a shard belongs to:
+    ``<root>/<probe>/images/<model>`` for ``<root>/<probe>/shards/<model>/<shard>.h5``. A merge is
+    given shard paths only; this keeps the relation between the two folders here."""
+    p = PurePosixPath(os.fspath(shard_path))
+    model_dir = p.parent
+    if model_dir.parent.name != "shards":
+        raise ValueError(f"{shard_path}: not a shard path (<root>/<probe>/shards/<model>/<shard>.h5)")
+    return str(model_dir.parent.parent / "images" / model_dir.name)

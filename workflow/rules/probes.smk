@@ -6,7 +6,8 @@
 #                    threads, resources, runtime, list order or another model)
 #   <probe>_shard    one job per (model, axis values): GPU work -> <probe>/shards/<model>/<shard>.h5
 #                    (inputs: the spec and, for data probes, the one data slice it reads)
-#   <probe>_merge    one job per model: validated shards -> <probe>/tables/<model>/*.csv
+#   <probe>_merge    one job per model: validated shards -> <probe>/tables/<model>/*.csv (and, for
+#                    probes that export images, <probe>/images/<model>/)
 #   <probe>_figures  one job per probe: every model's tables -> <probe>/figures/<figure>.png (in the
 #                    report, with its caption) and .pdf (its vector copy), for every figure the plan
 #                    names (Plan.figure_names: the probe's, and e.g. one grid per model and prompt)
@@ -73,7 +74,8 @@ for _probe, _impl in PLAN.probes.items():
             shard_dir=lambda w, p=_probe: shard_dir(p, w.model),
             shards=lambda w, p=_probe: PLAN.shard_paths(p, w.model),
         output:
-            [LAYOUT.table(_probe, "{model}", t) for t in _impl.tables],
+            [LAYOUT.table(_probe, "{model}", t) for t in _impl.tables]
+            + ([directory(LAYOUT.images_dir(_probe, "{model}"))] if _impl.exports_images else []),
         log:
             LAYOUT.log(_probe, "merge", "{model}"),
         benchmark:

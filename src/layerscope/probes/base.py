@@ -147,6 +147,7 @@ class Probe:
     axes: ClassVar[tuple[str, ...]] = ("slice",)  # shard axes after 'model', in path order
     datasets_key: ClassVar[str | None] = "dataset"  # probe config key naming a dataset, if any
     tables: ClassVar[tuple[str, ...]] = ()  # merge outputs: <study root>/<probe>/tables/<model>/<table>.csv (layout.table)
+    exports_images: ClassVar[bool] = False  # the merge also writes <study root>/<probe>/images/<model>/ (layout.images_dir)
     # plot outputs: <study root>/<probe>/figures/<figure>.png and .pdf (layout.figure_files); a probe
     # whose figures depend on its settings (one per model and prompt) adds them in figure_names
     figures: ClassVar[tuple[str, ...]] = ()

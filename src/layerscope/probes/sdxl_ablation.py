@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 from layerscope.errors import ConfigError
+from layerscope.layout import images_dir_of_shard
 from layerscope.models.sdxl_ablate import (  # noqa: F401  (the UNet hooks; re-exported)
     ablate_cross_attention, ablate_cross_attention_batched, generate_batched)
 from layerscope.probes.base import MOMENTS_LAYOUT, GroupLayout, Probe, ShardSpec, with_model
@@ -69,6 +70,7 @@ class SdxlAblation(Probe):
     axes: ClassVar[tuple[str, ...]] = ("group", "prompt", "seed")
     datasets_key: ClassVar[str | None] = None
     tables: ClassVar[tuple[str, ...]] = ("scores", "images")
+    exports_images: ClassVar[bool] = True  # one PNG per generated image, listed in the images table
     figures: ClassVar[tuple[str, ...]] = (GRID, "scores")  # + one grid per (model, prompt): figure_names
     # every shard records every attn2 output (kept or zeroed), so all of a model's shards hold the
     # same groups (layout_varies_with = ()); the CLIP score exists when a clip_model is configured
@@ -349,7 +351,7 @@ class SdxlAblation(Probe):
         img_rows = []
         for r in scores.itertuples():
             path = Path(r.shard)  # PNGs are named by (group, prompt, seed), whichever shard holds them
-            png = path.parent.parent.parent / "images" / path.parent.name / r.png_name
+            png = Path(images_dir_of_shard(path)) / r.png_name
             png.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(images[(r.model, r.prompt, r.group, r.seed)]).save(png)
             img_rows.append({"model": r.model, "group": r.group, "prompt": r.prompt, "prompt_text": r.prompt_text,
