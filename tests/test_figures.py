@@ -52,7 +52,7 @@ def inspected(monkeypatch):
         seen[Path(png).name] = problems_of(fig)
         original(fig, png, **kw)
 
-    for mod in ("dinov3_channels", "wan_logits", "sd3_recon_train", "sd3_textgrad", "sdxl_ablation_plots"):
+    for mod in ("dinov3_channels", "wan_logits", "sd3_recon_train", "textgrad_plots", "sdxl_ablation_plots"):
         monkeypatch.setattr(f"layerscope.probes.{mod}.save_figure", save)
     return seen
 

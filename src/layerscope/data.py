@@ -43,6 +43,7 @@ SKIMAGE_PHOTOS: dict[str, str] = {
 
 
 from layerscope.errors import DataError  # noqa: E402  (re-exported)
+from layerscope.layout import slice_images_dir  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def build_index(name: str, ds: Mapping[str, Any], out: str | Path) -> Path:
         import numpy as np
         import skimage.data
 
-        img_dir = out.parent / "images"
+        img_dir = Path(slice_images_dir(out))
         img_dir.mkdir(exist_ok=True)
         for stem, caption in SKIMAGE_PHOTOS.items():
             arr = getattr(skimage.data, stem)()
@@ -352,7 +353,7 @@ def build_slice(name: str, ds: Mapping[str, Any], max_images: int, slice_label: 
                 arr = arr.astype("uint8") * 255
             if arr.ndim == 2:
                 arr = np.stack([arr] * 3, axis=-1)
-            img_dir = out.parent / "images"
+            img_dir = Path(slice_images_dir(out))
             img_dir.mkdir(exist_ok=True)
             p = img_dir / f"{it.ident}.png"
             Image.fromarray(arr[..., :3].astype("uint8")).save(p)

@@ -10,6 +10,7 @@ in one checkout never share a file, and one study's report shows only its own fi
         <probe>/specs/<model>.json                     what a (probe, model)'s shards share
         <probe>/shards/<model>/<axis>-<v>__....h5      one shard
         <probe>/tables/<model>/<table>.csv             merged tables
+        <probe>/images/<model>/<shard>.png             images a merge exports (sdxl_ablation)
         <probe>/figures/<figure>.png                   figures (the report's entries)
         <probe>/figures/<figure>.pdf                   their vector copies (declared outputs too)
         <probe>/checkpoints/<model>/<shard>/           trained checkpoints (sd3_recon_train)
@@ -35,7 +36,7 @@ FIGURE_SUFFIX = ".png"  # the figure the report shows
 VECTOR_SUFFIX = ".pdf"  # its vector copy, written beside it (layerscope.plots.save_figure)
 
 __all__ = ["RESULTS", "DEFAULT_STUDY", "FIGURE_SUFFIX", "VECTOR_SUFFIX", "Layout", "user_error_marker", "shard_label", "parse_shard_label", "parse_slice",
-           "images_dir_of_shard"]
+           "images_dir_of_shard", "slice_images_dir", "pair_dirs"]
 
 
 @dataclass(frozen=True)
@@ -179,3 +180,16 @@ def images_dir_of_shard(shard_path: str | os.PathLike) -> str:
     if model_dir.parent.name != "shards":
         raise ValueError(f"{shard_path}: not a shard path (<root>/<probe>/shards/<model>/<shard>.h5)")
     return str(model_dir.parent.parent / "images" / model_dir.name)
+
+
+def slice_images_dir(index_path: str | os.PathLike) -> str:
+    """Where a data slice's own image files lie (built datasets such as ``skimage``): ``images/``
+    beside the slice's ``index.tsv`` (``Layout.data_slice_index``)."""
+    return str(PurePosixPath(os.fspath(index_path)).parent / "images")
+
+
+def pair_dirs(out_dir: str | os.PathLike, model: str) -> dict[str, str]:
+    """The folders of the single-pair tool (``layerscope textgrad --out DIR``), which runs outside
+    a study: ``DIR/shards/<model>``, ``DIR/tables/<model>``, ``DIR/figures``."""
+    out = PurePosixPath(os.fspath(out_dir))
+    return {"shards": str(out / "shards" / model), "tables": str(out / "tables" / model), "figures": str(out / "figures")}

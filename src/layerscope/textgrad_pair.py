@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from layerscope.layout import pair_dirs
 from layerscope.probes.base import ShardSpec
 from layerscope.probes.sd3_textgrad import SD3TextGrad
 from layerscope.probes.textgrad_compute import Sample, compute_samples, resolve_timestep
@@ -68,7 +69,8 @@ def run_pair(model: str, prompt: str, image: str | Path, out_dir: str | Path, *,
     samples = [Sample(rec, int(t), *resolve_timestep(int(t), conv, sch), int(s)) for t in timesteps for s in seeds]
     res = compute_samples(pipe, samples, st, log=logging.getLogger("layerscope.sd3_textgrad"))
     digest = hashlib.sha256(json.dumps([mcfg, pcfg, prompt, rec.path], sort_keys=True).encode()).hexdigest()[:16]
-    shard_dir = out_dir / "shards" / name
+    dirs = pair_dirs(out_dir, name)
+    shard_dir = Path(dirs["shards"])
     shard_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for t in timesteps:
@@ -83,7 +85,7 @@ def run_pair(model: str, prompt: str, image: str | Path, out_dir: str | Path, *,
             with ShardWriter(path, prov) as w:
                 probe.write_results(w, pipe, sch, st, pcfg, mcfg, name, samples, res, idx)
             paths.append(path)
-    tables = merge_to_tables(probe.name, name, paths, out_dir / "tables" / name, expect_hash=digest)
-    figures = plot_from_tables(probe.name, [out_dir / "tables" / name], out_dir / "figures",
+    tables = merge_to_tables(probe.name, name, paths, dirs["tables"], expect_hash=digest)
+    figures = plot_from_tables(probe.name, [dirs["tables"]], dirs["figures"],
                                caption=f"(one pair: {prompt[:40]!r})")
     return {"shards": paths, "tables": tables, "figures": figures}
