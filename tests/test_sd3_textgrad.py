@@ -724,6 +724,8 @@ def test_figures_draw_the_notes_pooled_curves_by_default(tmp_path):
     dashed = [ln for ln in fig.axes[0].get_lines() if "timestep" in ln.get_label() and "over its seeds" in ln.get_label()]
     assert len(dashed) == 4 and {ln.get_linestyle() for ln in dashed} == {"--"}
     assert "note's curve" in fig.axes[0].get_title() and "3 pair(s)" in fig.axes[0].get_title()
+    t["samples"]["line"] = "all timesteps"  # lines_per_timestep: false
+    assert len(TP._pooled_figure(t, "topk_mass", "").axes[0].get_lines()) == 2
     # without pooled rows (pooled_curves: false) the per-row view, titled so
     fig2 = TP._per_row_figure(_curve_tables(False)["samples"], "topk_mass", "")
     assert "pooled_curves: false" in fig2.axes[0].get_title() and "2 seed(s) x 3 sample(s)" in fig2.axes[0].get_title()

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 FIGURES = {"strength": "grad_strength_curve", "topk_mass": "grad_topk_mass_curve", "entropy": "grad_entropy_curve"}
-LABELS = {"strength": "mean token gradient norm ||dy/dh||_2 (grad units)", "topk_mass": "top-k mass (fraction, 0-1)",
+LABELS = {"strength": "mean token gradient norm (grad units)", "topk_mass": "top-k mass (fraction, 0-1)",
           "entropy": "entropy of normalised scores (nats)"}
 XLABEL = "MMDiT block index i (hook blocks.i.hook_text_grad)"
 
@@ -68,8 +68,9 @@ def _pooled_figure(tables: dict[str, "pd.DataFrame"], metric: str, caption: str)
     pooled, per_t, s = tables["pooled"], tables.get("pooled_per_timestep"), tables["samples"]
     models = sorted(pooled["model"].unique())
     colours = dict(zip(models, sns.color_palette(n_colors=len(models))))
-    several_t = per_t is not None and per_t["timestep_index"].nunique() > 1
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    # lines_per_timestep: false writes every sample row's line as 'all timesteps': no per-timestep lines
+    several_t = per_t is not None and per_t["timestep_index"].nunique() > 1 and bool((s["line"] != "all timesteps").any())
+    fig, ax = plt.subplots(figsize=(10, 4.4))
     for m in models:
         d = pooled[pooled["model"] == m].sort_values("block")
         ax.plot(d["block"], d[metric], marker="o", color=colours[m], label=f"{m}: pooled over all timesteps x seeds")
@@ -84,8 +85,8 @@ def _pooled_figure(tables: dict[str, "pd.DataFrame"], metric: str, caption: str)
     ax.legend(fontsize=7)
     pairs = int(pooled["pairs"].max())
     spp = int(pooled["samples_per_pair"].min())
-    title = (f"{LABELS[metric]} per block: the note's curve (token scores pooled per pair over {spp} timestep x seed "
-             f"row(s), mean over {pairs} pair(s)); band: 95% t interval over pairs {caption}").strip()
+    title = (f"{LABELS[metric]}: the note's curve per block\ntoken scores pooled per pair over {spp} timestep x seed "
+             f"row(s), mean over {pairs} pair(s)\nband: 95% t interval over pairs {caption}").strip()
     _finish(fig, ax, s, metric, title)
     return fig
 
@@ -97,10 +98,10 @@ def _per_row_figure(s: "pd.DataFrame", metric: str, caption: str) -> Any:
 
     several = s["line"].nunique() > 1
     d = s[np.isfinite(s[metric].astype(float))]
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    fig, ax = plt.subplots(figsize=(10, 4.4))
     sns.lineplot(data=d, x="block", y=metric, hue="model", style="line" if several else None, markers=True,
                  dashes=True, errorbar=("ci", 95), n_boot=500, seed=0, ax=ax)
-    title = (f"{LABELS[metric]} per block: mean of per-row metrics (pooled_curves: false); band: 95% bootstrap CI "
+    title = (f"{LABELS[metric]}: mean of per-row metrics per block (pooled_curves: false)\nband: 95% bootstrap CI "
              f"over {d['seed'].nunique()} seed(s) x {d['image_id'].nunique()} sample(s) {caption}").strip()
     _finish(fig, ax, s, metric, title)
     return fig
