@@ -213,3 +213,31 @@ def test_fetch_failure_is_one_line_naming_the_fields(repo, monkeypatch, tmp_path
     assert main(["fetch", str(repo / "config.real.yaml")]) == 4
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "models.dinov3_vitl16.source" in err and "huggingface-cli login" in err, err
+
+
+def test_check_config_after_the_study_built_its_models_estimates_batch_size_auto(repo, tmp_path):
+    """The default config's sd3_textgrad has ``batch_size: auto``: once the study has built its tiny
+    models, check-config's memory estimate must size that batch from memory_budget_mb (it crashed
+    with int('auto')) - the batch the formula allows, recomputed here from the tiny geometry."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    from layerscope.models.sd3 import TINY_ARCHS, build_tiny
+
+    shutil.copy(repo / "config.yaml", tmp_path / "config.yaml")
+    build_tiny("default", 0, tmp_path / "results" / "default" / "models" / "sd3_tiny")
+    exe = Path(sys.executable).with_name("layerscope")
+    r = subprocess.run([str(exe), "check-config", "config.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("  sd3_textgrad / sd3_tiny:"))
+    pcfg = yaml.safe_load((repo / "config.yaml").read_text())["probes"]["sd3_textgrad"]
+    assert pcfg["batch_size"] == "auto"
+    t = TINY_ARCHS["default"]["transformer"]
+    n_tokens = (t["sample_size"] * 8 // 16) ** 2 + 77 + int(pcfg["max_sequence_length"])
+    per_sample = 24 * t["num_layers"] * n_tokens * t["num_attention_heads"] * t["attention_head_dim"] * 4  # fp32 on CPU
+    want = int(float(pcfg.get("memory_budget_mb", 4096)) * 2**20 // per_sample)
+    assert f"batch_size auto: up to {want} sample(s) per batch within memory_budget_mb" in line, line
+    assert "  dinov3_channels / dinov3_tiny: peak memory unknown (model files not on this machine" in r.stdout

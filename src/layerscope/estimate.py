@@ -99,10 +99,10 @@ def _folder_of(mcfg: Mapping[str, Any], workdir: Path) -> Path | None:
         from layerscope.hub import _snapshot
 
         return _snapshot(str(mcfg["hub_id"]), mcfg.get("revision"))
-    if mcfg.get("kind") == "path" and mcfg.get("path"):
+    if mcfg.get("kind") in ("path", "tiny") and mcfg.get("path"):  # tiny: once the study has built it
         p = Path(str(mcfg["path"]))
         return p if p.is_absolute() else workdir / p
-    return None  # tiny: built by the study itself
+    return None
 
 
 def _dtype(mcfg: Mapping[str, Any], folder: Path | None) -> str:
@@ -184,10 +184,17 @@ def estimate_probe(probe: str, pcfg: Mapping[str, Any], mcfg: Mapping[str, Any],
         L = c.get("num_layers", 0)
         S = int(pcfg.get("image_size", 0)) or c.get("sample_size", 128) * 8
         N = (S // 16) ** 2 + 77 + int(pcfg.get("max_sequence_length", 256 if probe == "sd3_textgrad" else 77))
-        B = int(pcfg.get("batch_size", 4 if probe == "sd3_textgrad" else 2))
-        act = 24 * L * B * N * D * b
+        per_sample = 24 * L * N * D * b
+        bs = pcfg.get("batch_size", 4 if probe == "sd3_textgrad" else 2)
+        if bs == "auto":  # the probe sizes its batch so one batch's autograd graph fits memory_budget_mb
+            budget = float(pcfg.get("memory_budget_mb", 4096)) * 2**20
+            B = max(1, int(budget // per_sample)) if per_sample else 1
+            note += f"batch_size auto: up to {B} sample(s) per batch within memory_budget_mb; "
+        else:
+            B = int(bs)
+        act = per_sample * B
         weights = sum(v or 0 for v in parts.values()) * b
-        note = _unknown(parts)
+        note += _unknown(parts)
         if probe == "sd3_recon_train":  # training keeps fp32 master weights whatever the inference dtype
             weights = sum(v or 0 for v in parts.values()) * 4
             act *= 2
