@@ -117,7 +117,9 @@ def test_a_study_on_the_new_family_equals_numpy(copy, tmp_path):
     assert len(slices) == 2
     recs = [rec for f in slices for rec in read_index(f)]
     assert len(recs) == 12  # every photograph once
-    arr = np.stack([np.asarray(load_image(rec.path, SIZE), dtype=np.float64) / 255.0 for rec in recs])
+    paths = [Path(rec.path) if Path(rec.path).is_absolute() else tmp_path / rec.path for rec in recs]  # the study's workdir
+    assert all(p.is_file() for p in paths)
+    arr = np.stack([np.asarray(load_image(str(p), SIZE), dtype=np.float64) / 255.0 for p in paths])
     pix = torch.tensor(((arr - 0.5) / 0.5).transpose(0, 3, 1, 2), dtype=torch.float32)
     with torch.no_grad():
         hs = model(pixel_values=pix, output_hidden_states=True).hidden_states
