@@ -241,3 +241,77 @@ def test_check_config_after_the_study_built_its_models_estimates_batch_size_auto
     want = int(float(pcfg.get("memory_budget_mb", 4096)) * 2**20 // per_sample)
     assert f"batch_size auto: up to {want} sample(s) per batch within memory_budget_mb" in line, line
     assert "  dinov3_channels / dinov3_tiny: peak memory unknown (model files not on this machine" in r.stdout
+
+
+def test_sd3_medium_geometry_textgrad_shard_equals_isolated_autograd(tmp_path):
+    """SD3-medium's real widths (1536-wide MMDiT, 24 heads, joint dim 4096 fed by CLIP-L 768 + CLIP-G 1280
+    zero-padded, pooled 2048, 16-channel VAE) at 2 blocks, through the study's shard path: the stored
+    scores equal an independent autograd of y = sum(out^2) w.r.t. each block's text input, recomputed
+    here with the note's timestep convention written out (sigma = t / 1000, model fed t)."""
+    import torch
+    from PIL import Image
+
+    from layerscope.data import build_index, load_image, read_index
+    from layerscope.h5io import Shard, ShardWriter
+    from layerscope.models import sd3
+    from layerscope.probes import sd3_textgrad as P
+    from layerscope.probes.base import ShardSpec
+    from layerscope.real_geometry import SD3_MEDIUM_TRANSFORMER, build_sd3
+
+    folder = build_sd3(2, tmp_path / "sd3-medium-2blocks")
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, cap in enumerate(["a red square on a white table", "a blue sky"]):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
+        lines.append(f"im{i}.png\t{cap}")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    idx = build_index("pairs", {"kind": "list", "path": str(tmp_path / "list.txt")}, tmp_path / "index.tsv")
+    size, msl = 128, 8
+    axes = {"timestep": "500", "seed": "0", "slice": "0of1"}
+    spec = ShardSpec(probe="sd3_textgrad", model="sd3m", axes=axes,
+                     probe_cfg={"models": ["sd3m"], "dataset": "pairs", "max_sequence_length": msl, "topk": 3, "batch_size": 2,
+                                "ignore_padding": True, "image_size": size},
+                     model_cfg={"family": "sd3", "kind": "path", "path": str(folder), "dtype": "fp32", "name": "sd3m", "t5": False},
+                     datasets={"pairs": {"kind": "list", "path": str(tmp_path / "list.txt"), "index": str(idx)}},
+                     config_hash="h", device="cpu")
+    out = tmp_path / "shard.h5"
+    with ShardWriter(out, {"probe": "sd3_textgrad", "model": "sd3m", "axes": axes, "config_hash": "h", "data_digest": "{}",
+                           "spec": spec.to_json_dict()}) as w:
+        P.SD3TextGrad().run_shard(spec, w)
+    smp = P.SD3TextGrad().merge([Shard(out)])["samples"]
+    assert len(smp) == 2 * 2 and set(smp["status"]) == {"ok"}
+
+    pipe = sd3.load({"kind": "path", "path": str(folder), "t5": False}, torch.device("cpu"), torch.float32)
+    tr = pipe.transformer
+    assert tr.config.num_attention_heads * tr.config.attention_head_dim == 1536 == SD3_MEDIUM_TRANSFORMER["caption_projection_dim"]
+    assert tr.transformer_blocks[1].context_pre_only and pipe.text_encoder_3 is None
+    for rec in read_index(idx):
+        with torch.no_grad():
+            pe, _, pooled, _ = pipe.encode_prompt(prompt=[rec.caption], prompt_2=None, prompt_3=None, device=torch.device("cpu"),
+                                                  do_classifier_free_guidance=False, max_sequence_length=msl)
+            assert pe.shape == (1, 77 + msl, 4096) and pooled.shape == (1, 2048)
+            pix = pipe.image_processor.preprocess([load_image(rec.path, size)], height=size, width=size)
+            z0 = (pipe.vae.encode(pix).latent_dist.mode() - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+            assert z0.shape == (1, 16, size // 8, size // 8)
+            sigma = 500 / 1000
+            xt = (1 - sigma) * z0 + sigma * P.noise_for(0, rec.image_id, z0.shape[1:])[None]
+        mask = sd3.text_token_mask(pipe, [rec.caption], msl)[0].numpy()
+        for block in (0, 1):
+            box = {}
+
+            def hook(mod, args, kwargs):
+                box["h"] = kwargs["encoder_hidden_states"].detach().requires_grad_(True)
+                return args, {**kwargs, "encoder_hidden_states": box["h"]}
+
+            handle = tr.transformer_blocks[block].register_forward_pre_hook(hook, with_kwargs=True)
+            try:
+                y = tr(hidden_states=xt, timestep=torch.tensor([500.0]), encoder_hidden_states=pe, pooled_projections=pooled,
+                       return_dict=False)[0].double().pow(2).sum()
+                g = torch.autograd.grad(y, box["h"])[0]
+            finally:
+                handle.remove()
+            v = g.norm(dim=-1)[0].numpy()[mask]
+            row = smp[(smp.image_id == rec.image_id) & (smp.block == block)].iloc[0]
+            assert row.n_tokens == mask.sum() < len(mask)
+            assert row.strength == pytest.approx(v.mean(), rel=1e-4)
+            assert row.topk_mass == pytest.approx(np.sort(v)[-3:].sum() / v.sum(), rel=1e-4)

@@ -30,6 +30,15 @@ SD3_MEDIUM_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out
                               attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
                               caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192)
 
+# SD3's text encoders (CLIP-L/14 and OpenCLIP bigG/14 text towers) and its 16-channel VAE
+SD3_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768,
+                  hidden_act="quick_gelu")
+SD3_CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, projection_dim=1280,
+                  hidden_act="gelu")
+SD3_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+               down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=32,
+               sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+
 SDXL_BASE_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
                       block_out_channels=[320, 640, 1280],
                       down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
@@ -111,4 +120,31 @@ def build_wan_transformer(depth: int | None, out: str | Path, seed: int = 0) -> 
     c["patch_size"] = tuple(c["patch_size"])
     WanTransformer3DModel(**c).eval().save_pretrained(Path(out) / "transformer")
     (Path(out) / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    return Path(out)
+
+
+def build_sd3(depth: int | None, out: str | Path, seed: int = 0, text_depth: int = 1) -> Path:
+    """SD3-medium's geometry with ``depth`` MMDiT blocks (the last one ``context_pre_only``, as in the
+    real model), both CLIP text towers at their real widths with ``text_depth`` layers, the real
+    16-channel VAE and no T5 (``t5: false``: its 4.7 B parameters do not fit a CI machine), random
+    weights, saved as a diffusers pipeline folder. The CLIP vocabulary is the tiny build's
+    character-level one: vocabulary size is no geometry the probes depend on."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from layerscope.models.sd3 import CLIP_SEQ_LEN, _clip_vocab, save_pipeline
+
+    torch.manual_seed(seed)
+    vocab = _clip_vocab()
+    common = dict(vocab_size=len(vocab), max_position_embeddings=CLIP_SEQ_LEN, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    te = [CLIPTextModelWithProjection(CLIPTextConfig(**{**c, "num_hidden_layers": text_depth}, **common)).eval()
+          for c in (SD3_CLIP_L, SD3_CLIP_G)]
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**dict(SD3_MEDIUM_TRANSFORMER, num_layers=depth or SD3_MEDIUM_TRANSFORMER["num_layers"])).eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0), vae=AutoencoderKL(**SD3_VAE).eval(),
+        text_encoder=te[0], tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_SEQ_LEN),
+        text_encoder_2=te[1], tokenizer_2=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_SEQ_LEN, pad_token="!"),
+        text_encoder_3=None, tokenizer_3=None)
+    save_pipeline(pipe, out)
     return Path(out)

@@ -148,10 +148,15 @@ def tiny_pipeline(arch: str = "default", seed: int = 0, num_layers: int | None =
 
 def build_tiny(arch: str, seed: int, out_dir: Path, num_layers: int | None = None) -> None:
     """Save a tiny pipeline with ``save_pretrained`` (atomically), so it loads like a real checkpoint."""
+    save_pipeline(tiny_pipeline(arch, seed, num_layers), out_dir)
+
+
+def save_pipeline(pipe: Any, out_dir: str | Path) -> None:
+    """``save_pretrained`` atomically (a partial folder renamed into place), recording absent
+    components (no T5) in model_index.json so ``from_pretrained`` loads the same pipeline back."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".partial-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe = tiny_pipeline(arch, seed, num_layers)
     pipe.save_pretrained(tmp)
     if pipe.text_encoder_3 is None:  # diffusers skips None components; record them so from_pretrained agrees
         idx = json.loads((tmp / "model_index.json").read_text())
