@@ -479,3 +479,20 @@ def test_plot_fails_on_a_declared_grid_it_cannot_draw_and_on_an_undeclared_one(t
     # without the plan's names only the static figures are declared: the grids are refused too
     with pytest.raises(DataError, match=r"undeclared figure file\(s\) drawn: comparison_grid-sdxl_tiny-p0\.pdf"):
         plot_from_tables("sdxl_ablation", dirs, fig, "")
+
+
+def test_a_prompt_removed_from_the_config_leaves_no_stale_grid(tmp_path, capsys):
+    """Plotting with two prompts, then with one: the second prompt's grids (no longer declared) are
+    removed from the figure folder, the declared set stays, and a line says what was removed."""
+    from layerscope.merge import plot_from_tables
+
+    fig = tmp_path / "figures"
+    plot_from_tables("sdxl_ablation", fake_tables(tmp_path / "two", {"sdxl_tiny": ["p0", "p1"]}), fig, "",
+                     declared(tmp_path, ["sdxl_tiny"], PROMPTS))
+    assert (fig / "comparison_grid-sdxl_tiny-p1.png").is_file()
+    (fig / "notes.txt").write_text("kept: not a figure file")
+    names = declared(tmp_path, ["sdxl_tiny"], PROMPTS[:1])
+    plot_from_tables("sdxl_ablation", fake_tables(tmp_path / "one", {"sdxl_tiny": ["p0"]}), fig, "", names)
+    want = sorted(f"{n}{s}" for n in names for s in (".png", ".pdf"))
+    assert sorted(p.name for p in fig.iterdir()) == sorted(want + ["notes.txt"])
+    assert "removed" in capsys.readouterr().err and "comparison_grid-sdxl_tiny-p1.png" not in want

@@ -295,6 +295,7 @@ def plot_from_tables(probe: str, table_dirs: Iterable[str | Path], fig_dir: str 
     import pandas as pd
 
     from layerscope.errors import DataError
+    from layerscope.layout import FIGURE_SUFFIX, VECTOR_SUFFIX
     from layerscope.plots import figure_files
 
     p = get_probe(probe)
@@ -334,6 +335,12 @@ def plot_from_tables(probe: str, table_dirs: Iterable[str | Path], fig_dir: str 
         for f in want:
             (tmp_dir / f).replace(fig_dir / f)
             out.append(fig_dir / f)
+        # the folder is this rule's alone: a figure file no longer declared (a prompt or model removed
+        # from the config) would otherwise linger beside the current ones, untracked
+        for old in sorted(fig_dir.iterdir()):
+            if old.is_file() and old.suffix in (FIGURE_SUFFIX, VECTOR_SUFFIX) and old.name not in want:
+                old.unlink()
+                print(f"layerscope: removed {old} (a figure no longer declared)", file=sys.stderr)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return out
