@@ -19,6 +19,30 @@ __all__ = ["ablate_cross_attention", "ablate_cross_attention_batched", "generate
 
 
 @contextmanager
+def _installed(unet: "torch.nn.Module", modules: Mapping[str, Any], zero_hooks: Sequence[tuple[Any, Any]],
+               pooled_pre_hook: Any, make_recorder: Any) -> Iterator[None]:
+    """Install the ablation's hooks for the duration of the block, always removed after: the zeroing
+    forward hooks, the pooled-text pre-hook (or None) and, registered after the zeroing hooks so they
+    see what is passed on, one recorder per attn2 module (``make_recorder(name)``, or None)."""
+    from diffusers.models.attention_processor import Attention
+
+    handles = []
+    try:
+        for module, hook in zero_hooks:
+            handles.append(module.register_forward_hook(hook))
+        if pooled_pre_hook is not None:
+            handles.append(unet.register_forward_pre_hook(pooled_pre_hook, with_kwargs=True))
+        if make_recorder is not None:
+            for name, m in modules.items():
+                if name.split(".")[-1] == "attn2" and isinstance(m, Attention):
+                    handles.append(m.register_forward_hook(make_recorder(name)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
 def ablate_cross_attention(
     unet: "torch.nn.Module",
     zero_modules: Sequence[str],
@@ -36,15 +60,12 @@ def ablate_cross_attention(
     output *as passed on* is reduced into ``record[name]`` (a :class:`~layerscope.stats.Moments`
     over [tokens, channels]).  All hooks are removed on exit, also on error.
     """
-    from diffusers.models.attention_processor import Attention
-
     from layerscope.stats import Moments
 
     modules = dict(unet.named_modules())
     missing = [n for n in zero_modules if n not in modules]
     if missing:
         raise KeyError(f"UNet has no module {missing[0]}")
-    handles = []
 
     def zero_hook(module, args, output):  # noqa: ARG001
         if isinstance(output, tuple):
@@ -68,19 +89,9 @@ def ablate_cross_attention(
             return args, kwargs
         return None
 
-    try:
-        for n in zero_modules:
-            handles.append(modules[n].register_forward_hook(zero_hook))
-        if zero_pooled_text:
-            handles.append(unet.register_forward_pre_hook(pooled_pre_hook, with_kwargs=True))
-        if record is not None:  # registered after the zeroing hooks: sees what is passed on
-            for n, m in modules.items():
-                if n.split(".")[-1] == "attn2" and isinstance(m, Attention):
-                    handles.append(m.register_forward_hook(make_recorder(n)))
+    with _installed(unet, modules, [(modules[n], zero_hook) for n in zero_modules],
+                    pooled_pre_hook if zero_pooled_text else None, make_recorder if record is not None else None):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 
@@ -103,7 +114,6 @@ def ablate_cross_attention_batched(
     over that sample's rows in the order a batch-1 run sees them.  Hooks are removed on exit.
     """
     import torch
-    from diffusers.models.attention_processor import Attention
 
     from layerscope.stats import Moments
 
@@ -116,7 +126,6 @@ def ablate_cross_attention_batched(
     if len(sizes) != 1:
         raise ValueError(f"per-sample masks of different lengths: {sorted(sizes)}")
     n = sizes.pop()
-    handles = []
 
     def rows_mask(mask: Sequence[bool], rows: int, like: "torch.Tensor") -> "torch.Tensor":
         if rows % n:
@@ -153,20 +162,10 @@ def ablate_cross_attention_batched(
             return args, kwargs
         return None
 
-    try:
-        for name, mask in keep.items():
-            if not all(mask):
-                handles.append(modules[name].register_forward_hook(make_zero_hook(list(mask))))
-        if zero_pooled_text is not None and any(zero_pooled_text):
-            handles.append(unet.register_forward_pre_hook(pooled_pre_hook, with_kwargs=True))
-        if records is not None:  # registered after the zeroing hooks: sees what is passed on
-            for name, m in modules.items():
-                if name.split(".")[-1] == "attn2" and isinstance(m, Attention):
-                    handles.append(m.register_forward_hook(make_recorder(name)))
+    zero_hooks = [(modules[name], make_zero_hook(list(mask))) for name, mask in keep.items() if not all(mask)]
+    with _installed(unet, modules, zero_hooks, pooled_pre_hook if zero_pooled_text is not None and any(zero_pooled_text) else None,
+                    make_recorder if records is not None else None):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 

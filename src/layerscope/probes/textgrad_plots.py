@@ -30,6 +30,7 @@ def plot_curves(tables: dict[str, "pd.DataFrame"], fig_dir: Path, caption: str =
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     import seaborn as sns
 
     sns.set_theme(style="whitegrid", context="paper")
@@ -40,8 +41,6 @@ def plot_curves(tables: dict[str, "pd.DataFrame"], fig_dir: Path, caption: str =
         else:
             fig = _per_row_figure(tables["samples"], metric, caption)
         save_figure(fig, Path(fig_dir) / f"{fname}.png", dpi=120)
-        import matplotlib.pyplot as plt
-
         plt.close(fig)
 
 
